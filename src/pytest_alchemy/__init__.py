@@ -1,0 +1,24 @@
+"""pytest-alchemy: a transactional sandbox per test for SQLAlchemy 2.x, sync and asyncio."""
+
+from __future__ import annotations
+
+from pytest_alchemy.errors import (
+    AlchemyError,
+    DatabaseUnavailableError,
+    DriverMissingError,
+    EventLoopMismatchError,
+    SandboxBrokenError,
+    SchemaConflictError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlchemyError",
+    "DatabaseUnavailableError",
+    "DriverMissingError",
+    "EventLoopMismatchError",
+    "SandboxBrokenError",
+    "SchemaConflictError",
+    "__version__",
+]

@@ -1,0 +1,155 @@
+"""The async sandbox, and event loops handled so connections never cross them.
+
+A pooled asyncio connection belongs to the loop that opened it; using it from another loop
+gives "attached to a different loop", asyncpg's "another operation is in progress", or a hang.
+So the plugin keeps one AsyncEngine (and one kept connection) *per event loop*:
+
+- tests that share a loop (pytest-asyncio's module or session loop scope, anyio's runner) share
+  the engine and its connection, and pay no connect per test;
+- a test on its own function-scoped loop gets its own engine, disposed on that loop when the
+  loop shuts down. The disposal rides on ``loop.shutdown_asyncgens()``, which
+  ``asyncio.Runner`` (used by pytest-asyncio and anyio) calls before closing a loop, so
+  connections are closed on their own loop instead of raising "Event loop is closed".
+
+Using a connection from a loop other than its own raises :class:`EventLoopMismatchError`
+before the driver is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from pytest_alchemy.sandbox import JOIN_MODE, Sandbox
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncTransaction
+
+#: Seconds an async teardown step may take before the connection is given up (invalidated).
+TEARDOWN_TIMEOUT = 30.0
+
+
+@dataclass
+class LoopState:
+    """The engine and kept connection of one event loop."""
+
+    engine: AsyncEngine
+    connection: AsyncConnection | None = None
+    lifetime: AsyncIterator[None] | None = field(default=None, repr=False)
+
+    async def acquire(self) -> AsyncConnection:
+        conn = self.connection
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                await conn.close()
+            conn = self.connection = await self.engine.connect()
+        return conn
+
+    async def aclose(self) -> None:
+        conn, self.connection = self.connection, None
+        try:
+            if conn is not None:
+                await conn.close()
+        finally:
+            await self.engine.dispose()
+
+
+class LoopEngines:
+    """One AsyncEngine per running event loop, created on demand by ``factory``."""
+
+    def __init__(self, factory: Callable[[], Awaitable[AsyncEngine]]) -> None:
+        self._factory = factory
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def current(self) -> LoopState:
+        """The state of the running loop, creating its engine on first use."""
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = LoopState(await self._factory())
+            state.lifetime = self._lifetime(loop, state)
+            await anext(state.lifetime)  # the loop now finalizes it at shutdown_asyncgens()
+            self._states[loop] = state
+        return state
+
+    async def _lifetime(
+        self, loop: asyncio.AbstractEventLoop, state: LoopState
+    ) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self._states.pop(loop, None)
+            await state.aclose()
+
+    def peek(self) -> LoopState | None:
+        """The state of the running loop, if it has one."""
+        return self._states.get(asyncio.get_running_loop())
+
+    def forget(self) -> None:
+        """Drop references at session end; loops still running close their own engines."""
+        self._states = weakref.WeakKeyDictionary()
+
+
+class AsyncSandbox:
+    """One async test's sandbox on an AsyncConnection owned by the running loop."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+        self.core = Sandbox(connection.sync_connection, asyncio.get_running_loop())  # type: ignore[arg-type]
+        self._transaction: AsyncTransaction | None = None
+
+    async def start(self) -> None:
+        conn = self.connection
+        if conn.in_transaction():  # left over by a test that escaped; never commit
+            await conn.rollback()
+        self._transaction = await conn.begin()
+        self.core.transaction = self._transaction.sync_transaction  # type: ignore[assignment]
+
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        """A factory whose sessions all join this sandbox."""
+        return async_sessionmaker(bind=self.connection, join_transaction_mode=JOIN_MODE)
+
+    async def end(self) -> None:
+        """Roll the outer transaction back; idempotent. Problems are left in ``core.problem``."""
+        core = self.core
+        action = core.begin_teardown()
+        try:
+            if action == "rollback":
+                assert self._transaction is not None
+                await asyncio.wait_for(self._transaction.rollback(), TEARDOWN_TIMEOUT)
+            elif action == "invalidate":
+                await self.connection.invalidate()
+        except Exception as exc:
+            core.teardown_failed(exc)
+            if not self.connection.closed:
+                await self.connection.invalidate()
+        finally:
+            core.end_teardown()
+
+
+_sandboxes: weakref.WeakKeyDictionary[AsyncConnection, AsyncSandbox] = weakref.WeakKeyDictionary()
+
+
+async def open_sandbox(connection: AsyncConnection) -> AsyncSandbox:
+    """Start a sandbox on ``connection``, which belongs to the running loop."""
+    sandbox = AsyncSandbox(connection)
+    await sandbox.start()
+    _sandboxes[sandbox.connection] = sandbox
+    return sandbox
+
+
+async def close_session_after(session: AsyncSession) -> None:
+    """Close a session at teardown, rolling the sandbox back first (saves a round trip)."""
+    bind = session.bind
+    sandbox = _sandboxes.get(bind) if isinstance(bind, AsyncConnection) else None
+    if sandbox is not None:
+        await sandbox.end()
+    await session.close()

@@ -1,0 +1,136 @@
+"""One frozen settings object, resolved once from CLI, environment, ini and defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: Where a setting may come from, highest precedence first.
+SOURCES = ("cli", "env", "ini", "default")
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """The names one setting goes by, in each place it can be given."""
+
+    cli: str
+    env: str | None
+    ini: str
+
+    @property
+    def dest(self) -> str:
+        return self.cli.lstrip("-").replace("-", "_")
+
+    def spelled(self, source: str) -> str:
+        """How the user wrote the setting that came from ``source``."""
+        return {"cli": self.cli, "env": self.env or "", "ini": f"{self.ini} (ini)"}.get(
+            source, "the default"
+        )
+
+
+URL_OPTION = Option("--alchemy-url", "PYTEST_ALCHEMY_URL", "alchemy_url")
+ASYNC_URL_OPTION = Option("--alchemy-async-url", "PYTEST_ALCHEMY_ASYNC_URL", "alchemy_async_url")
+METADATA_INI = "alchemy_metadata"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A resolved URL and where it came from (``cli``, ``env``, ``ini`` or ``default``)."""
+
+    url: URL | None
+    source: str
+    option: Option
+
+    @property
+    def origin(self) -> str:
+        """Human-readable provenance, for the report header and error messages."""
+        return self.option.spelled(self.source)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the plugin was told, resolved with precedence CLI > env > ini > default.
+
+    ``url.url`` is None for the default: a SQLite file in pytest's temporary directory, whose
+    path is only known once the session starts.
+    """
+
+    url: Setting
+    async_url: Setting
+    metadata: tuple[str, ...]
+
+
+def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
+    cli = config.getoption(option.dest)
+    if cli is not None:
+        return str(cli), "cli"
+    if option.env and os.environ.get(option.env):
+        return os.environ[option.env], "env"
+    ini = config.getini(option.ini)
+    if ini:
+        return str(ini), "ini"
+    return None, "default"
+
+
+def _parse_url(raw: str | None, source: str, option: Option) -> Setting:
+    if raw is None:
+        return Setting(None, source, option)
+    try:
+        url = make_url(raw.strip())
+    except ArgumentError:
+        # No echo of the raw value: it may hold a password.
+        raise pytest.UsageError(
+            f"{option.spelled(source)}: not a SQLAlchemy URL. Expected a URL such as "
+            f"'postgresql+psycopg://user@localhost/myapp' or 'sqlite:///test.db'."
+        ) from None
+    return Setting(url, source, option)
+
+
+def validate_import_paths(key: str, values: Sequence[str]) -> tuple[str, ...]:
+    """Check that every value looks like ``package.module:attribute``."""
+    paths = tuple(v.strip() for v in values if v.strip())
+    for path in paths:
+        if not _IMPORT_PATH.match(path):
+            raise pytest.UsageError(
+                f"{key} = {path!r} is not an import path. Write it as 'package.module:attribute', "
+                f"for example 'myapp.models:Base'."
+            )
+    return paths
+
+
+def resolve(config: pytest.Config) -> Settings:
+    """Resolve the settings once; raises pytest.UsageError on a bad value."""
+    url = _parse_url(*_lookup(config, URL_OPTION), URL_OPTION)
+    async_url = _parse_url(*_lookup(config, ASYNC_URL_OPTION), ASYNC_URL_OPTION)
+    metadata = validate_import_paths(METADATA_INI, config.getini(METADATA_INI))
+    return Settings(url=url, async_url=async_url, metadata=metadata)
+
+
+def mask(url: URL) -> str:
+    """The URL as text with its password hidden."""
+    return url.render_as_string(hide_password=True)
+
+
+def describe(settings: Settings) -> list[str]:
+    """Report-header lines: each URL, password masked, and where it came from."""
+    url = settings.url
+    shown = "sqlite:///<pytest tmp>/alchemy.sqlite3" if url.url is None else mask(url.url)
+    lines = [f"alchemy: url={shown} (from {url.origin})"]
+    if settings.async_url.url is not None:
+        lines.append(
+            f"alchemy: async url={mask(settings.async_url.url)} (from {settings.async_url.origin})"
+        )
+    if settings.metadata:
+        lines.append(f"alchemy: metadata={', '.join(settings.metadata)}")
+    return lines

@@ -1,0 +1,195 @@
+"""Per-backend quirks, behind one small dispatch keyed on the dialect name.
+
+Everything here is pure knowledge about a backend or a driver: how to derive the async URL
+from a sync one (and back), which options make an engine safe for a sandbox, how to fix
+pysqlite's transaction handling, which statements end a transaction behind SQLAlchemy's back,
+and which package to install for a driver.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.pool import StaticPool
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL, Connection, Engine
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+#: Seconds a connection attempt may take before the test fails, unless the URL sets its own.
+CONNECT_TIMEOUT = 5
+
+#: Execution option that marks a statement as the plugin's own, so the sandbox's statement
+#: guard lets it through.
+INTERNAL = "alchemy_internal"
+
+
+@dataclass(frozen=True)
+class _Driver:
+    package: str  # what `pip install` needs
+    sync_twin: str  # the sync driver for an async one (or itself)
+    async_twin: str  # the async driver for a sync one (or itself)
+    timeout_arg: str | None  # connect argument that bounds a connection attempt
+
+
+# Keyed by (backend, driver) as SQLAlchemy names them; "" is the backend's default driver.
+_DRIVERS: dict[tuple[str, str], _Driver] = {
+    ("postgresql", "psycopg"): _Driver(
+        "psycopg[binary]", "psycopg", "psycopg_async", "connect_timeout"
+    ),
+    ("postgresql", "psycopg_async"): _Driver(
+        "psycopg[binary]", "psycopg", "psycopg_async", "connect_timeout"
+    ),
+    ("postgresql", "psycopg2"): _Driver(
+        "psycopg2-binary", "psycopg2", "asyncpg", "connect_timeout"
+    ),
+    ("postgresql", "asyncpg"): _Driver("asyncpg", "psycopg", "asyncpg", "timeout"),
+    ("sqlite", "pysqlite"): _Driver("(the standard library)", "pysqlite", "aiosqlite", None),
+    ("sqlite", "aiosqlite"): _Driver("aiosqlite", "pysqlite", "aiosqlite", None),
+    ("mysql", "pymysql"): _Driver("pymysql", "pymysql", "asyncmy", "connect_timeout"),
+    ("mysql", "mysqldb"): _Driver("mysqlclient", "mysqldb", "asyncmy", "connect_timeout"),
+    ("mysql", "asyncmy"): _Driver("asyncmy", "pymysql", "asyncmy", "connect_timeout"),
+    ("mysql", "aiomysql"): _Driver("aiomysql", "pymysql", "aiomysql", "connect_timeout"),
+}
+_DEFAULT_DRIVER = {"postgresql": "psycopg2", "sqlite": "pysqlite", "mysql": "mysqldb"}
+
+
+def _split(url: URL) -> tuple[str, str]:
+    backend = url.get_backend_name()
+    family = "mysql" if backend == "mariadb" else backend
+    driver = url.get_driver_name() if "+" in url.drivername else _DEFAULT_DRIVER.get(family, "")
+    return family, driver
+
+
+def _driver(url: URL) -> _Driver | None:
+    return _DRIVERS.get(_split(url))
+
+
+def with_driver(url: URL, driver: str) -> URL:
+    """The same URL with another driver, keeping the backend name as written."""
+    return url.set(drivername=f"{url.get_backend_name()}+{driver}")
+
+
+def is_async(url: URL) -> bool:
+    """Whether the URL names an asyncio driver (asyncpg, aiosqlite, asyncmy, psycopg_async)."""
+    family, driver = _split(url)
+    known = _DRIVERS.get((family, driver))
+    if known is not None:
+        return known.async_twin == driver and known.sync_twin != driver
+    return bool(getattr(url.get_dialect(), "is_async", False))
+
+
+def async_twin(url: URL) -> URL:
+    """The async URL derived from a sync one (an async URL is returned as it is)."""
+    if is_async(url):
+        return url
+    known = _driver(url)
+    return with_driver(url, known.async_twin) if known else url
+
+
+def sync_twin(url: URL) -> URL:
+    """The sync URL derived from an async one (a sync URL is returned as it is)."""
+    if not is_async(url):
+        return url
+    known = _driver(url)
+    return with_driver(url, known.sync_twin) if known else url
+
+
+def install_hint(url: URL) -> str:
+    """The pip command that installs the URL's driver."""
+    known = _driver(url)
+    package = known.package if known else f"the DBAPI driver for {url.drivername!r}"
+    if is_async(url):
+        return f"pip install {package} 'sqlalchemy[asyncio]'"
+    return f"pip install {package}"
+
+
+def is_memory(url: URL) -> bool:
+    """Whether the URL is an in-memory SQLite database (one per engine)."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    return database in ("", ":memory:") or url.query.get("mode") == "memory"
+
+
+def engine_options(url: URL) -> tuple[URL, dict[str, Any]]:
+    """Options that make an engine fit for sandboxes; the URL's own settings win."""
+    options: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {}
+    known = _driver(url)
+    if known and known.timeout_arg and known.timeout_arg not in url.query:
+        connect_args[known.timeout_arg] = CONNECT_TIMEOUT
+    if is_memory(url) and not is_async(url):
+        # One in-memory database per connection otherwise; a thread (TestClient) would see
+        # an empty database. StaticPool shares the one connection.
+        options["poolclass"] = StaticPool
+        connect_args["check_same_thread"] = False
+    if connect_args:
+        options["connect_args"] = connect_args
+    return url, options
+
+
+def prepare_engine(engine: Engine) -> None:
+    """Install what the backend needs for SAVEPOINTs to work; idempotent.
+
+    For an AsyncEngine pass ``engine.sync_engine``.
+    """
+    if engine.dialect.name == "sqlite" and not event.contains(engine, "begin", _sqlite_begin):
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+
+
+def _sqlite_connect(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    # pysqlite defers BEGIN and does not count SAVEPOINT as starting a transaction, so
+    # RELEASE SAVEPOINT commits for real. Take BEGIN into our own hands instead.
+    # https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl
+    if getattr(dbapi_connection, "autocommit", None) is False:
+        return  # Python 3.12+ autocommit=False: sqlite3 already keeps a transaction open
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    if getattr(connection.connection.dbapi_connection, "autocommit", None) is False:
+        return
+    connection.exec_driver_sql("BEGIN", execution_options={INTERNAL: True})
+
+
+# Statements that end the outer transaction whatever SQLAlchemy believes.
+_ENDS_TRANSACTION = (
+    r"COMMIT|END|ABORT|ROLLBACK(?!\s+(?:WORK\s+)?TO\b)|BEGIN|START\s+TRANSACTION"
+    r"|SET\s+(?:SESSION\s+|@@(?:SESSION\.)?)?AUTOCOMMIT\b"
+)
+# MySQL and MariaDB commit implicitly before (and after) these.
+# https://mariadb.com/kb/en/sql-statements-that-cause-an-implicit-commit/
+_MYSQL_IMPLICIT_COMMIT = (
+    r"(?:CREATE|DROP)(?!\s+TEMPORARY\b)(?!\s+OR\s+REPLACE\s+TEMPORARY\b)"
+    r"|ALTER|TRUNCATE|RENAME|LOCK\s+TABLES?|UNLOCK\s+TABLES?|GRANT|REVOKE|ANALYZE|OPTIMIZE"
+    r"|REPAIR|FLUSH|INSTALL|UNINSTALL|LOAD\s+INDEX|CACHE\s+INDEX|XA\b"
+)
+_TRANSACTION_CONTROL = re.compile(rf"\s*(?:{_ENDS_TRANSACTION})\b", re.I)
+_IMPLICIT_COMMIT = re.compile(rf"\s*(?:{_MYSQL_IMPLICIT_COMMIT})\b", re.I)
+_GUARDS = {"mysql": re.compile(rf"\s*(?:{_ENDS_TRANSACTION}|{_MYSQL_IMPLICIT_COMMIT})\b", re.I)}
+
+
+def statement_guard(dialect_name: str) -> re.Pattern[str]:
+    """A pattern matching statements that would end the sandbox's outer transaction."""
+    family = "mysql" if dialect_name == "mariadb" else dialect_name
+    return _GUARDS.get(family, _TRANSACTION_CONTROL)
+
+
+def refusal_advice(statement: str) -> str:
+    """What to do instead of a statement the guard refused."""
+    if not _TRANSACTION_CONTROL.match(statement) and _IMPLICIT_COMMIT.match(statement):
+        return (
+            "MySQL and MariaDB commit implicitly on DDL (CREATE, ALTER, DROP, TRUNCATE, ...), "
+            "so a sandbox cannot undo it. Build tables once, through alchemy_metadata; use "
+            "CREATE TEMPORARY TABLE for scratch tables; use DELETE instead of TRUNCATE."
+        )
+    return (
+        "Commit through the Session (session.commit() releases the sandbox's savepoint), or "
+        "use `with db_connection.begin_nested():` for Core work."
+    )

@@ -1,0 +1,40 @@
+"""Exceptions raised by pytest-alchemy.
+
+Every message says what went wrong and then what to do about it, naming the option,
+fixture or marker that fixes it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlchemyError",
+    "DatabaseUnavailableError",
+    "DriverMissingError",
+    "EventLoopMismatchError",
+    "SandboxBrokenError",
+    "SchemaConflictError",
+]
+
+
+class AlchemyError(Exception):
+    """Base class of every error pytest-alchemy raises."""
+
+
+class DriverMissingError(AlchemyError):
+    """The database driver a URL names is not installed."""
+
+
+class DatabaseUnavailableError(AlchemyError):
+    """The test database could not be reached."""
+
+
+class SchemaConflictError(AlchemyError):
+    """The test database already holds tables the plugin was asked to create."""
+
+
+class SandboxBrokenError(AlchemyError):
+    """A test ended or escaped its transactional sandbox."""
+
+
+class EventLoopMismatchError(AlchemyError):
+    """An async connection was used from an event loop other than the one it belongs to."""

@@ -1,0 +1,268 @@
+"""pytest entry point: options, ini keys, the report header, and the fixtures.
+
+Thin on purpose: the fixtures delegate to :mod:`pytest_alchemy.provision` (the target),
+:mod:`pytest_alchemy.sandbox` (sync) and :mod:`pytest_alchemy.aio` (async). Nothing here runs
+until a test requests a database fixture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
+
+from pytest_alchemy import config as _config
+from pytest_alchemy.errors import AlchemyError, SandboxBrokenError
+from pytest_alchemy.provision import Target
+from pytest_alchemy.sandbox import Sandbox, close_session_after
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
+    from sqlalchemy.orm import Session, sessionmaker
+
+_SETTINGS = pytest.StashKey[_config.Settings]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("alchemy", "pytest-alchemy: a transactional database sandbox per test")
+    url, async_url = _config.URL_OPTION, _config.ASYNC_URL_OPTION
+    group.addoption(
+        url.cli,
+        dest=url.dest,
+        default=None,
+        metavar="URL",
+        help=f"SQLAlchemy URL of the test database (env {url.env}, ini {url.ini}); "
+        "default: a SQLite file in pytest's temporary directory.",
+    )
+    group.addoption(
+        async_url.cli,
+        dest=async_url.dest,
+        default=None,
+        metavar="URL",
+        help=f"SQLAlchemy URL for the async fixtures (env {async_url.env}, ini {async_url.ini}); "
+        "default: derived from --alchemy-url (psycopg -> psycopg_async, pysqlite -> aiosqlite, "
+        "pymysql -> asyncmy).",
+    )
+    parser.addini(url.ini, help="SQLAlchemy URL of the test database.", default="")
+    parser.addini(async_url.ini, help="SQLAlchemy URL for the async fixtures.", default="")
+    parser.addini(
+        _config.METADATA_INI,
+        type="linelist",
+        default=[],
+        help="Import paths 'module:attr' of MetaData objects or declarative bases whose tables "
+        "are created once per run and dropped at its end.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SETTINGS] = _config.resolve(config)
+    config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return _config.describe(config.stash[_SETTINGS])
+
+
+def _fail(exc: AlchemyError) -> NoReturn:
+    __tracebackhide__ = True
+    pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+
+
+# -- sync fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _alchemy_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Target]:
+    target = Target(request.config.stash[_SETTINGS], lambda: tmp_path_factory.mktemp("alchemy"))
+    yield target
+    problems = target.close()
+    if problems:
+        pytest.fail("pytest-alchemy: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def db_engine(_alchemy_target: Target) -> Engine:
+    """Engine to the test database, schema from ``alchemy_metadata`` built (session scope).
+
+    Override it in a conftest to run the sandbox on an engine of your own.
+    """
+    try:
+        return _alchemy_target.sync_engine()
+    except AlchemyError as exc:
+        _fail(exc)
+
+
+@pytest.fixture
+def db_connection(db_engine: Engine, _alchemy_target: Target) -> Iterator[Connection]:
+    """The test's connection, inside an outer transaction rolled back after the test.
+
+    Never commit it: ``db_connection.commit()`` and raw ``COMMIT`` are refused. For Core work
+    that may fail on PostgreSQL, use ``with db_connection.begin_nested():``.
+    """
+    keeper = _alchemy_target.keeper_for(db_engine)
+    connection = keeper.acquire() if keeper is not None else db_engine.connect()
+    sandbox = Sandbox(connection)
+    try:
+        sandbox.start()
+        yield connection
+        sandbox.end()
+        if sandbox.problem:
+            _fail(SandboxBrokenError(sandbox.problem))
+    finally:
+        sandbox.end()
+        if keeper is None:
+            connection.close()
+
+
+@pytest.fixture
+def db_sessionmaker(db_connection: Connection) -> sessionmaker[Session]:
+    """A ``sessionmaker`` whose sessions all join the test's sandbox and see each other's work."""
+    from sqlalchemy.orm import sessionmaker
+
+    from pytest_alchemy.sandbox import JOIN_MODE
+
+    return sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE)
+
+
+@pytest.fixture
+def db_session(db_sessionmaker: sessionmaker[Session]) -> Iterator[Session]:
+    """A Session in the test's sandbox: commit, roll back and nest freely; nothing survives."""
+    session = db_sessionmaker()
+    yield session
+    close_session_after(session)
+
+
+# -- async fixtures ---------------------------------------------------------------------------
+# Defined here, registered in pytest_configure with the decorator of the async plugin in use.
+
+
+def _require_async_test(request: pytest.FixtureRequest, name: str) -> None:
+    __tracebackhide__ = True
+    function = getattr(request.node, "obj", None)
+    if callable(function) and not inspect.iscoroutinefunction(function):
+        pytest.fail(
+            f"{request.node.name} is a sync test but requests the async fixture {name}. "
+            f"Write it as `async def` (marked @pytest.mark.asyncio or @pytest.mark.anyio), "
+            f"or use the sync twin {name.removeprefix('async_')}.",
+            pytrace=False,
+        )
+
+
+async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Target) -> AsyncEngine:
+    """AsyncEngine to the test database for the running event loop, schema built.
+
+    Tests that share an event loop share the engine; a loop of its own gets an engine of its
+    own, disposed on that loop when it shuts down.
+    """
+    _require_async_test(request, "async_db_engine")
+    try:
+        state = await _alchemy_target.loop_state()
+    except AlchemyError as exc:
+        _fail(exc)
+    return state.engine
+
+
+async def async_db_connection(
+    async_db_engine: AsyncEngine, _alchemy_target: Target
+) -> AsyncIterator[AsyncConnection]:
+    """The test's AsyncConnection, inside an outer transaction rolled back after the test."""
+    from pytest_alchemy import aio
+
+    state = _alchemy_target.loops.peek()
+    own = state is not None and state.engine is async_db_engine
+    if state is not None and own:
+        connection = await state.acquire()
+    else:
+        connection = await async_db_engine.connect()
+    sandbox = await aio.open_sandbox(connection)
+    try:
+        yield connection
+        await sandbox.end()
+        if sandbox.core.problem:
+            _fail(SandboxBrokenError(sandbox.core.problem))
+    finally:
+        await sandbox.end()
+        if not own:
+            await connection.close()
+
+
+def async_db_sessionmaker(
+    async_db_connection: AsyncConnection,
+) -> async_sessionmaker[AsyncSession]:
+    """An ``async_sessionmaker`` whose sessions all join the test's sandbox."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from pytest_alchemy.sandbox import JOIN_MODE
+
+    return async_sessionmaker(bind=async_db_connection, join_transaction_mode=JOIN_MODE)
+
+
+async def async_db_session(
+    async_db_sessionmaker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """An AsyncSession in the test's sandbox: commit, roll back and nest freely.
+
+    It has already joined the connection, so concurrent first use (``asyncio.gather``) is safe.
+    """
+    from pytest_alchemy import aio
+
+    session = async_db_sessionmaker()
+    await session.connection()
+    yield session
+    await aio.close_session_after(session)
+
+
+_ASYNC_FIXTURES: dict[str, Callable[..., Any]] = {
+    "async_db_engine": async_db_engine,
+    "async_db_connection": async_db_connection,
+    "async_db_sessionmaker": async_db_sessionmaker,
+    "async_db_session": async_db_session,
+}
+_NO_RUNNER = (
+    "{name} needs an async test runner, and none is active. Install pytest-asyncio "
+    "(pip install 'pytest-alchemy[asyncio]') and mark the test @pytest.mark.asyncio, or use "
+    "anyio's pytest plugin and mark the test @pytest.mark.anyio."
+)
+
+
+def _async_fixtures(config: pytest.Config) -> types.ModuleType:
+    """The async fixtures, decorated for whichever async plugin is active."""
+    module = types.ModuleType("pytest_alchemy._async_fixtures")
+    plugins = config.pluginmanager
+    decorate: Callable[..., Any]
+    if plugins.has_plugin("asyncio"):
+        import pytest_asyncio
+
+        decorate = pytest_asyncio.fixture
+    elif plugins.has_plugin("anyio"):
+        decorate = pytest.fixture
+    else:
+        decorate = pytest.fixture
+        for name, function in _ASYNC_FIXTURES.items():
+            setattr(module, name, decorate(_no_runner(name, function), name=name))
+        return module
+    for name, function in _ASYNC_FIXTURES.items():
+        is_async = inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+        setattr(module, name, (decorate if is_async else pytest.fixture)(function, name=name))
+    return module
+
+
+def _no_runner(name: str, function: Callable[..., Any]) -> Callable[[], None]:
+    def fixture() -> None:
+        __tracebackhide__ = True
+        pytest.fail(_NO_RUNNER.format(name=name), pytrace=False)
+
+    fixture.__doc__ = function.__doc__
+    return fixture

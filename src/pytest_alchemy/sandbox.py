@@ -1,0 +1,241 @@
+"""The sync sandbox: one connection, an outer transaction, sessions that join it.
+
+A test's sessions join the connection with ``join_transaction_mode="create_savepoint"``: a
+session's commit releases its SAVEPOINT and the next use opens a fresh one, a rollback returns
+to it, and teardown rolls back the outer transaction, which is never committed.
+
+The connection itself is kept across tests (see :class:`ConnectionKeeper`): a test pays for
+BEGIN/ROLLBACK and its sessions' savepoints, not for a pool checkout and reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, sessionmaker
+
+from pytest_alchemy import dialects
+from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
+
+if TYPE_CHECKING:
+    import re
+
+    from sqlalchemy.engine import Engine, RootTransaction
+    from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+
+#: The join mode every sandboxed session uses (see shared pitfalls 2-5 in the docs).
+JOIN_MODE = "create_savepoint"
+
+
+class Watch:
+    """Listeners on one Connection that keep a test inside its sandbox.
+
+    Installed once per Connection; the sandbox currently using the connection sets
+    :attr:`owner`. Statements that would end the outer transaction (``COMMIT``, MySQL DDL, ...)
+    and ``Connection.commit()`` are refused before they reach the database, and recorded so the
+    test fails at teardown even if the code under test swallowed the error.
+    """
+
+    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.owner: Sandbox | None = None
+        self.internal = False
+        self.loop = loop
+        self.guard: re.Pattern[str] = dialects.statement_guard(connection.dialect.name)
+        event.listen(connection, "before_cursor_execute", self._before_cursor_execute)
+        event.listen(connection, "commit", self._commit)
+        event.listen(connection, "rollback", self._rollback)
+
+    def _refuse(self, problem: str) -> None:
+        __tracebackhide__ = True
+        owner = self.owner
+        if owner is not None and owner.problem is None:
+            owner.problem = problem
+        raise SandboxBrokenError(problem)
+
+    def _before_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: DBAPICursor,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        if self.owner is None:
+            return
+        if self.loop is not None:
+            self._check_loop()
+        if self.guard.match(statement) and not self.internal:
+            if context is not None and context.execution_options.get(dialects.INTERNAL):
+                return
+            first_line = statement.strip().splitlines()[0][:80]
+            self._refuse(
+                f"pytest-alchemy refused to run {first_line!r}: it would end the test's "
+                f"outer transaction, and what the test wrote would survive it. "
+                f"{dialects.refusal_advice(statement)}"
+            )
+
+    def _check_loop(self) -> None:
+        __tracebackhide__ = True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self.loop:
+            raise EventLoopMismatchError(
+                "async_db_connection was opened on one event loop and is used from another. "
+                "A database connection belongs to the loop it was opened on: the async "
+                "fixtures and the test must share one loop. With pytest-asyncio set both "
+                "asyncio_default_fixture_loop_scope and asyncio_default_test_loop_scope to "
+                "'session' in your ini (or give the test's asyncio marker the same loop_scope "
+                "as the fixtures); with anyio use one anyio_backend for fixtures and tests. "
+                "Starlette's TestClient runs the app on its own loop: use "
+                "httpx.AsyncClient(transport=httpx.ASGITransport(app)) instead."
+            )
+
+    def _commit(self, conn: Connection) -> None:
+        if self.owner is not None and not self.internal:
+            self._refuse(
+                "pytest-alchemy refused Connection.commit() on the sandbox's connection: it "
+                "would commit the test's outer transaction. Use session.commit() (it releases "
+                "the session's savepoint), or `with db_connection.begin_nested():` for Core work."
+            )
+
+    def _rollback(self, conn: Connection) -> None:
+        owner = self.owner
+        if owner is not None and not self.internal and owner.problem is None:
+            owner.problem = (
+                "The test rolled back the sandbox's outer transaction (Connection.rollback() on "
+                "db_connection), which also discarded what fixtures had written. Roll back a "
+                "session instead, or use `with db_connection.begin_nested():` around Core work."
+            )
+
+
+_watches: weakref.WeakKeyDictionary[Connection, Watch] = weakref.WeakKeyDictionary()
+
+
+def watch(connection: Connection, loop: asyncio.AbstractEventLoop | None = None) -> Watch:
+    """The Watch of ``connection``, installing it on first use."""
+    found = _watches.get(connection)
+    if found is None:
+        found = _watches[connection] = Watch(connection, loop)
+    return found
+
+
+def sandbox_of(connection: Connection) -> Sandbox | None:
+    """The sandbox currently running on ``connection``, if any."""
+    found = _watches.get(connection)
+    return found.owner if found is not None else None
+
+
+class Sandbox:
+    """One test's transactional sandbox on ``connection``.
+
+    Sync and async share this class: the async side drives teardown through its own awaits
+    (see :mod:`pytest_alchemy.aio`) around :meth:`begin_teardown`.
+    """
+
+    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop | None = None):
+        self.connection = connection
+        self.problem: str | None = None
+        self._watch = watch(connection, loop)
+        self._watch.owner = self
+        self._ended = False
+        self.transaction: RootTransaction | None = None
+
+    def start(self) -> None:
+        """Open the outer transaction (sync connections)."""
+        if self.connection.in_transaction():  # left over by a test that escaped; never commit
+            self.connection.rollback()
+        self.transaction = self.connection.begin()
+
+    def sessionmaker(self) -> sessionmaker[Session]:
+        """A factory whose sessions all join this sandbox."""
+        return sessionmaker(bind=self.connection, join_transaction_mode=JOIN_MODE)
+
+    def needs_invalidation(self) -> bool:
+        """Whether teardown cannot trust the connection's transaction state."""
+        trans = self.transaction
+        return self.connection.closed or trans is None or not trans.is_active or bool(self.problem)
+
+    def begin_teardown(self) -> str | None:
+        """Decide how to end the sandbox: ``"rollback"``, ``"invalidate"`` or None (done).
+
+        Idempotent: only the first call returns an action. Statements run by the action are
+        the plugin's own, so the guard lets them through until :meth:`end_teardown`.
+        """
+        if self._ended:
+            return None
+        self._ended = True
+        self._watch.internal = True
+        if self.connection.closed:
+            self.problem = self.problem or (
+                "The test closed the sandbox's connection (db_connection.close()); the "
+                "connection belongs to the fixture, which closes it itself."
+            )
+            return None
+        # When SQLAlchemy's view of the transaction can no longer be trusted (a refused
+        # commit, an outer rollback), throwing the DBAPI connection away rolls back whatever
+        # the server still holds.
+        return "invalidate" if self.needs_invalidation() else "rollback"
+
+    def teardown_failed(self, exc: BaseException) -> None:
+        self.problem = self.problem or f"Rolling back the sandbox failed: {exc!r}"
+
+    def end_teardown(self) -> None:
+        self._watch.internal = False
+        self._watch.owner = None
+
+    def end(self) -> None:
+        """Roll the outer transaction back; idempotent. Problems are left in :attr:`problem`."""
+        action = self.begin_teardown()
+        try:
+            if action == "rollback":
+                assert self.transaction is not None
+                self.transaction.rollback()
+            elif action == "invalidate":
+                self.connection.invalidate()
+        except Exception as exc:
+            self.teardown_failed(exc)
+            if not self.connection.closed:
+                self.connection.invalidate()
+        finally:
+            self.end_teardown()
+
+
+class ConnectionKeeper:
+    """Holds one connection of an engine across tests, reconnecting when it went bad."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._connection: Connection | None = None
+
+    def acquire(self) -> Connection:
+        conn = self._connection
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                conn.close()
+            conn = self._connection = self.engine.connect()
+        return conn
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def close_session_after(session: Session) -> None:
+    """Close a session at teardown, rolling the sandbox back first.
+
+    Rolling the outer transaction back first deactivates the session's savepoint, so closing
+    the session costs no round trip (``ROLLBACK TO SAVEPOINT`` would be one).
+    """
+    bind = session.bind
+    sandbox = sandbox_of(bind) if isinstance(bind, Connection) else None
+    if sandbox is not None:
+        sandbox.end()
+    session.close()
