@@ -1,0 +1,215 @@
+"""Shared helpers: the backend x driver matrix and a pytester wrapper that writes a project.
+
+Server backends run on scratch databases this suite creates for itself (one per xdist
+worker), so the plugin's tables never meet anything else. Outside CI a backend whose server
+does not answer is skipped with the reason; in CI (``CI`` set) it fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import textwrap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+# pytester's in-process runs drop the modules first imported inside them; importing a driver's
+# C extension a second time crashed asyncpg (a segfault in its SSL negotiation). Loading the
+# drivers here keeps them loaded across runs.
+for _driver in (
+    "ssl",
+    "asyncpg",
+    "psycopg",
+    "psycopg2",
+    "pymysql",
+    "asyncmy",
+    "aiomysql",
+    "aiosqlite",
+):
+    importlib.import_module(_driver)
+
+PG_SERVER = os.environ.get("ALCHEMY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MY_SERVER = os.environ.get("ALCHEMY_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@dataclass(frozen=True)
+class Driver:
+    """One row of the matrix: how the inner project's URL is written."""
+
+    id: str
+    backend: str  # sqlite, postgresql, mysql
+    drivername: str  # as in a SQLAlchemy URL
+    is_async: bool
+    memory: bool = False
+
+    def url(self, databases: dict[str, str], tmp: str) -> str:
+        if self.backend == "sqlite":
+            if self.memory:
+                return f"{self.drivername}://"
+            return f"{self.drivername}:///{tmp}/test.sqlite3"
+        server = make_url(databases[self.backend])
+        return server.set(drivername=self.drivername).render_as_string(hide_password=False)
+
+
+SYNC_DRIVERS = [
+    Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
+    Driver("sqlite-memory", "sqlite", "sqlite+pysqlite", False, memory=True),
+    Driver("postgresql-psycopg", "postgresql", "postgresql+psycopg", False),
+    Driver("postgresql-psycopg2", "postgresql", "postgresql+psycopg2", False),
+    Driver("mysql-pymysql", "mysql", "mysql+pymysql", False),
+]
+ASYNC_DRIVERS = [
+    Driver("sqlite-aiosqlite", "sqlite", "sqlite+aiosqlite", True),
+    Driver("sqlite-aiosqlite-memory", "sqlite", "sqlite+aiosqlite", True, memory=True),
+    Driver("postgresql-asyncpg", "postgresql", "postgresql+asyncpg", True),
+    Driver("postgresql-psycopg_async", "postgresql", "postgresql+psycopg_async", True),
+    Driver("mysql-asyncmy", "mysql", "mysql+asyncmy", True),
+    Driver("mysql-aiomysql", "mysql", "mysql+aiomysql", True),
+]
+
+
+def _scratch_name() -> str:
+    return f"alchemy_selftest_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
+
+def _unavailable(backend: str, exc: Exception) -> None:
+    message = f"{backend} server not reachable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI must test every backend", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def scratch_databases() -> Iterator[dict[str, str]]:
+    """A scratch database per server backend, created for this test run and dropped after.
+
+    Values are URLs (sync driver) of the scratch databases; a backend whose server is down
+    maps to an error string that ``databases`` turns into a skip (or a CI failure).
+    """
+    name = _scratch_name()
+    made: dict[str, str] = {}
+    engines = {}
+    for backend, server in (("postgresql", PG_SERVER), ("mysql", MY_SERVER)):
+        engine = create_engine(server, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+                conn.execute(text(f"CREATE DATABASE {name}"))
+        except Exception as exc:
+            made[backend] = f"!{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            engine.dispose()
+            continue
+        engines[backend] = engine
+        made[backend] = make_url(server).set(database=name).render_as_string(hide_password=False)
+    yield made
+    for engine in engines.values():
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        engine.dispose()
+
+
+MODELS = """
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "alchemy_item"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+class Tag(Base):
+    __tablename__ = "alchemy_tag"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("alchemy_item.id"))
+"""
+
+
+class Project:
+    """A small application project run through the plugin with pytester."""
+
+    def __init__(self, pytester: pytest.Pytester, url: str | None) -> None:
+        self.pytester = pytester
+        self.url = url
+        pytester.makepyfile(models=MODELS)
+
+    def ini(self, extra: str = "", *, metadata: bool = True, loop_scopes: str = "session") -> None:
+        lines = ["[pytest]", "pythonpath = .", "filterwarnings = error"]
+        if metadata:
+            lines.append("alchemy_metadata = models:Base")
+        if self.url:
+            lines.append(f"alchemy_url = {self.url}")
+        if loop_scopes:
+            lines.append(f"asyncio_default_fixture_loop_scope = {loop_scopes}")
+            lines.append(f"asyncio_default_test_loop_scope = {loop_scopes}")
+        self.pytester.makefile(".ini", pytest="\n".join(lines) + "\n" + textwrap.dedent(extra))
+
+    def tests(self, source: str, name: str = "test_app") -> None:
+        self.pytester.makepyfile(**{name: textwrap.dedent(source)})
+
+    def run(self, *args: str, subprocess: bool = False) -> pytest.RunResult:
+        base = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist")
+        if subprocess:
+            return self.pytester.runpytest_subprocess(*base, *args, timeout=300)
+        return self.pytester.runpytest_inprocess(*base, *args)
+
+    def leftover_tables(self) -> list[str]:
+        """Tables of the models still in the database after the run (should be none)."""
+        if not self.url or make_url(self.url).database in (None, "", ":memory:"):
+            return []
+        url = make_url(self.url)
+        sync = {"asyncpg": "psycopg", "psycopg_async": "psycopg", "aiosqlite": "pysqlite"}.get(
+            url.get_driver_name(), "pymysql" if url.get_backend_name() == "mysql" else None
+        )
+        if sync:
+            url = url.set(drivername=f"{url.get_backend_name()}+{sync}")
+        engine = create_engine(url)
+        try:
+            names = set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+        return sorted(names & {"alchemy_item", "alchemy_tag"})
+
+
+def collected_ids(project: Project) -> list[str]:
+    """The node ids of the project's tests, in collection order."""
+    collected = project.run("--collect-only", "-q")
+    return [line for line in collected.outlines if line.startswith("test_app.py::")]
+
+
+def project_for(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
+    """A project whose alchemy_url points at ``driver`` (skips or fails if its server is down)."""
+    if driver.backend != "sqlite" and scratch[driver.backend].startswith("!"):
+        _unavailable(driver.backend, RuntimeError(scratch[driver.backend][1:]))
+    return Project(pytester, driver.url(scratch, str(pytester.path)))
+
+
+@pytest.fixture(params=SYNC_DRIVERS, ids=lambda d: d.id)
+def sync_project(
+    request: pytest.FixtureRequest, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> Project:
+    """A project on each sync driver of the matrix."""
+    return project_for(request.param, scratch_databases, pytester)
+
+
+@pytest.fixture(params=ASYNC_DRIVERS, ids=lambda d: d.id)
+def async_project(
+    request: pytest.FixtureRequest, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> Project:
+    """A project on each async driver of the matrix."""
+    return project_for(request.param, scratch_databases, pytester)

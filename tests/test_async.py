@@ -1,0 +1,217 @@
+"""The async sandbox: semantics on every async driver, and every event-loop configuration."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import collected_ids
+
+if TYPE_CHECKING:
+    from conftest import Project
+
+SEMANTICS = """
+import asyncio
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from models import Item
+
+ROUNDS = pytest.mark.parametrize("round", [1, 2])
+pytestmark = pytest.mark.asyncio
+
+
+async def names(session):
+    return sorted((await session.scalars(select(Item.name))).all())
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def starts_empty(async_db_session):
+    assert await names(async_db_session) == []
+
+
+@pytest_asyncio.fixture
+async def seeded(async_db_session):
+    async_db_session.add(Item(name="seed"))
+    await async_db_session.commit()
+
+
+@ROUNDS
+async def test_commit_once_and_twice(async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.commit()
+    async_db_session.add(Item(name="b"))
+    await async_db_session.commit()
+    assert await names(async_db_session) == ["a", "b"]
+
+
+@ROUNDS
+async def test_rollback_keeps_what_was_committed(async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.commit()
+    async_db_session.add(Item(name="b"))
+    await async_db_session.flush()
+    await async_db_session.rollback()
+    assert await names(async_db_session) == ["a"]
+
+
+@ROUNDS
+async def test_rollback_keeps_what_a_fixture_committed(seeded, async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.flush()
+    await async_db_session.rollback()
+    assert await names(async_db_session) == ["seed"]
+
+
+@ROUNDS
+async def test_async_with_begin(async_db_sessionmaker, round):
+    async with async_db_sessionmaker() as session:
+        async with session.begin():
+            session.add(Item(name="a"))
+        async with session.begin():
+            session.add(Item(name="b"))
+        assert await names(session) == ["a", "b"]
+
+
+@ROUNDS
+async def test_begin_nested_rolled_back(async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    nested = await async_db_session.begin_nested()
+    async_db_session.add(Item(name="b"))
+    await async_db_session.flush()
+    await nested.rollback()
+    await async_db_session.commit()
+    assert await names(async_db_session) == ["a"]
+
+
+@ROUNDS
+async def test_integrity_error_then_rollback_then_carry_on(async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.commit()
+    async_db_session.add(Item(name="a"))
+    with pytest.raises(IntegrityError):
+        await async_db_session.commit()
+    await async_db_session.rollback()
+    async_db_session.add(Item(name="c"))
+    await async_db_session.commit()
+    assert await names(async_db_session) == ["a", "c"]
+
+
+@ROUNDS
+async def test_close_then_reuse(async_db_session, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.commit()
+    await async_db_session.close()
+    assert await names(async_db_session) == ["a"]
+
+
+@ROUNDS
+async def test_second_session_shares_the_connection(async_db_session, async_db_sessionmaker, round):
+    async_db_session.add(Item(name="a"))
+    await async_db_session.commit()
+    async with async_db_sessionmaker() as other:
+        assert await names(other) == ["a"]
+
+
+@ROUNDS
+async def test_core_work_on_the_connection(async_db_connection, async_db_session, round):
+    async with async_db_connection.begin_nested():
+        await async_db_connection.execute(insert(Item).values(name="core"))
+    assert await names(async_db_session) == ["core"]
+
+
+@ROUNDS
+async def test_concurrent_first_use_of_the_session(async_db_session, round):
+    first, second = await asyncio.gather(
+        async_db_session.execute(select(Item.id)), async_db_session.execute(select(Item.name))
+    )
+    assert first.all() == second.all() == []
+"""
+
+
+def test_async_semantics_hold_in_any_order(async_project: Project) -> None:
+    async_project.ini()
+    async_project.tests(SEMANTICS)
+    result = async_project.run()
+    result.assert_outcomes(passed=20)
+    again = async_project.run(*reversed(collected_ids(async_project)))
+    again.assert_outcomes(passed=20)
+    assert async_project.leftover_tables() == []
+
+
+# Three tests that each commit a row and expect to start from an empty table; with loop
+# handling wrong they fail with "attached to a different loop", "another operation is in
+# progress", "Event loop is closed", or a ResourceWarning turned into an error.
+LOOP_TESTS = """
+import pytest
+from sqlalchemy import func, select
+
+from models import Item
+
+{marks}
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_commit_and_start_clean(async_db_session, n):
+    assert await async_db_session.scalar(select(func.count(Item.id))) == 0
+    async_db_session.add(Item(name=f"row{{n}}"))
+    await async_db_session.commit()
+"""
+
+# (id, ini lines, module marks, extra command-line args)
+LOOP_CONFIGS = [
+    ("strict-session", "session", "pytestmark = pytest.mark.asyncio", ()),
+    ("strict-function", "function", "pytestmark = pytest.mark.asyncio", ()),
+    ("strict-module", "module", "pytestmark = pytest.mark.asyncio", ()),
+    ("auto-session", "session", "", ("-o", "asyncio_mode=auto")),
+    ("auto-function", "function", "", ("-o", "asyncio_mode=auto")),
+    (
+        "marker-loop_scope-module",
+        "",
+        'pytestmark = pytest.mark.asyncio(loop_scope="module")',
+        ("-o", "asyncio_default_fixture_loop_scope=module"),
+    ),
+    (
+        "anyio-session-backend",
+        "",
+        "pytestmark = pytest.mark.anyio\n\n"
+        '@pytest.fixture(scope="session")\ndef anyio_backend():\n    return "asyncio"',
+        ("-p", "no:asyncio"),
+    ),
+    (
+        "anyio-module-backend",
+        "",
+        "pytestmark = pytest.mark.anyio\n\n"
+        '@pytest.fixture(scope="module")\ndef anyio_backend():\n    return "asyncio"',
+        ("-p", "no:asyncio"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("scopes", "marks", "args"), [c[1:] for c in LOOP_CONFIGS], ids=[c[0] for c in LOOP_CONFIGS]
+)
+def test_loop_configurations_share_or_separate_loops_cleanly(
+    async_project: Project, scopes: str, marks: str, args: tuple[str, ...]
+) -> None:
+    async_project.ini(loop_scopes=scopes)
+    async_project.tests(LOOP_TESTS.format(marks=marks))
+    result = async_project.run(*args, subprocess=True)
+    result.assert_outcomes(passed=3)
+    assert async_project.leftover_tables() == []
+
+
+def test_fixture_and_test_on_different_loops_get_a_clear_error(async_project: Project) -> None:
+    async_project.ini(
+        "asyncio_default_fixture_loop_scope = session\nasyncio_default_test_loop_scope = function\n",
+        loop_scopes="",
+    )
+    async_project.tests(LOOP_TESTS.format(marks="pytestmark = pytest.mark.asyncio"))
+    result = async_project.run(subprocess=True)
+    result.assert_outcomes(failed=3)
+    result.stdout.fnmatch_lines(["*EventLoopMismatchError*asyncio_default_test_loop_scope*"])
+    result.stdout.no_fnmatch_line("*attached to a different loop*")
+    assert async_project.leftover_tables() == []

@@ -1,0 +1,159 @@
+"""The sync sandbox's semantics, run through the plugin on every sync driver."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from conftest import collected_ids
+
+if TYPE_CHECKING:
+    from conftest import Project
+
+# Every test starts by asserting the table is empty, and runs twice: a leak from any test
+# (or from the first round of the same test) fails the next one.
+SEMANTICS = """
+import pytest
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import IntegrityError
+
+from models import Item
+
+ROUNDS = pytest.mark.parametrize("round", [1, 2])
+
+
+def names(session):
+    return sorted(session.scalars(select(Item.name)))
+
+
+@pytest.fixture(autouse=True)
+def starts_empty(db_session):
+    assert names(db_session) == []
+
+
+@pytest.fixture
+def seeded(db_session):
+    db_session.add(Item(name="seed"))
+    db_session.commit()
+
+
+@ROUNDS
+def test_commit_once_and_twice(db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    db_session.add(Item(name="b"))
+    db_session.commit()
+    assert names(db_session) == ["a", "b"]
+
+
+@ROUNDS
+def test_rollback_keeps_what_was_committed(db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    db_session.add(Item(name="b"))
+    db_session.flush()
+    db_session.rollback()
+    assert names(db_session) == ["a"]
+
+
+@ROUNDS
+def test_rollback_keeps_what_a_fixture_committed(seeded, db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.flush()
+    db_session.rollback()
+    assert names(db_session) == ["seed"]
+
+
+@ROUNDS
+def test_with_begin_on_fresh_session_and_after_commit(db_sessionmaker, round):
+    session = db_sessionmaker()
+    with session.begin():
+        session.add(Item(name="a"))
+    with session.begin():
+        session.add(Item(name="b"))
+    assert names(session) == ["a", "b"]
+    session.close()
+
+
+@ROUNDS
+def test_begin_nested_rolled_back(db_session, round):
+    db_session.add(Item(name="a"))
+    nested = db_session.begin_nested()
+    db_session.add(Item(name="b"))
+    db_session.flush()
+    nested.rollback()
+    db_session.commit()
+    assert names(db_session) == ["a"]
+
+
+@ROUNDS
+def test_begin_nested_committed(db_session, round):
+    with db_session.begin_nested():
+        db_session.add(Item(name="a"))
+    db_session.commit()
+    assert names(db_session) == ["a"]
+
+
+@ROUNDS
+def test_integrity_error_then_rollback_then_carry_on(db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    db_session.add(Item(name="a"))
+    with pytest.raises(IntegrityError):
+        db_session.commit()
+    db_session.rollback()
+    db_session.add(Item(name="c"))
+    db_session.commit()
+    assert names(db_session) == ["a", "c"]
+
+
+@ROUNDS
+def test_integrity_error_inside_begin_nested(db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    with pytest.raises(IntegrityError):
+        with db_session.begin_nested():
+            db_session.add(Item(name="a"))
+    db_session.add(Item(name="c"))
+    db_session.commit()
+    assert names(db_session) == ["a", "c"]
+
+
+@ROUNDS
+def test_close_then_reuse(db_session, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    db_session.close()
+    assert names(db_session) == ["a"]
+    db_session.add(Item(name="b"))
+    db_session.commit()
+    assert names(db_session) == ["a", "b"]
+
+
+@ROUNDS
+def test_second_session_shares_the_connection(db_session, db_sessionmaker, round):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    other = db_sessionmaker()
+    assert names(other) == ["a"]
+    other.add(Item(name="b"))
+    other.commit()
+    other.close()
+    assert names(db_session) == ["a", "b"]
+
+
+@ROUNDS
+def test_core_work_on_the_connection(db_connection, db_session, round):
+    with db_connection.begin_nested():
+        db_connection.execute(insert(Item).values(name="core"))
+    assert names(db_session) == ["core"]
+"""
+
+
+def test_sync_semantics_hold_in_any_order(sync_project: Project) -> None:
+    sync_project.ini()
+    sync_project.tests(SEMANTICS)
+    result = sync_project.run()
+    result.assert_outcomes(passed=22)
+    again = sync_project.run(*reversed(collected_ids(sync_project)))
+    again.assert_outcomes(passed=22)
+    assert sync_project.leftover_tables() == []
