@@ -206,7 +206,8 @@ def test_loop_configurations_share_or_separate_loops_cleanly(
 
 def test_fixture_and_test_on_different_loops_get_a_clear_error(async_project: Project) -> None:
     async_project.ini(
-        "asyncio_default_fixture_loop_scope = session\nasyncio_default_test_loop_scope = function\n",
+        "asyncio_default_fixture_loop_scope = session\n"
+        "asyncio_default_test_loop_scope = function\n",
         loop_scopes="",
     )
     async_project.tests(LOOP_TESTS.format(marks="pytestmark = pytest.mark.asyncio"))
@@ -214,4 +215,56 @@ def test_fixture_and_test_on_different_loops_get_a_clear_error(async_project: Pr
     result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines(["*EventLoopMismatchError*asyncio_default_test_loop_scope*"])
     result.stdout.no_fnmatch_line("*attached to a different loop*")
+    assert async_project.leftover_tables() == []
+
+
+BREAKERS = """
+import pytest
+import pytest_asyncio
+from sqlalchemy import select, text
+
+from models import Item
+from pytest_alchemy import SandboxBrokenError
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def starts_empty(async_db_session):
+    assert (await async_db_session.scalars(select(Item.name))).all() == []
+
+
+async def test_connection_commit_is_refused(async_db_connection, async_db_session):
+    async_db_session.add(Item(name="leak"))
+    await async_db_session.flush()
+    with pytest.raises(SandboxBrokenError, match="Connection.commit"):
+        await async_db_connection.commit()
+
+
+async def test_raw_commit_is_refused(async_db_session):
+    async_db_session.add(Item(name="leak"))
+    await async_db_session.flush()
+    with pytest.raises(SandboxBrokenError, match="COMMIT"):
+        await async_db_session.execute(text("COMMIT"))
+
+
+async def test_next_test_starts_clean(async_db_session):
+    async_db_session.add(Item(name="leak"))
+    await async_db_session.commit()
+"""
+
+
+def test_breaking_the_async_sandbox_fails_that_test_and_leaks_nothing(
+    async_project: Project,
+) -> None:
+    async_project.ini()
+    async_project.tests(BREAKERS)
+    result = async_project.run()
+    result.assert_outcomes(passed=3, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_connection_commit_is_refused*",
+            "*ERROR at teardown of test_raw_commit_is_refused*",
+        ]
+    )
     assert async_project.leftover_tables() == []

@@ -157,3 +157,126 @@ def test_sync_semantics_hold_in_any_order(sync_project: Project) -> None:
     again = sync_project.run(*reversed(collected_ids(sync_project)))
     again.assert_outcomes(passed=22)
     assert sync_project.leftover_tables() == []
+
+
+BREAKERS = """
+import pytest
+from sqlalchemy import select, text
+
+from models import Item
+from pytest_alchemy import SandboxBrokenError
+
+
+@pytest.fixture(autouse=True)
+def starts_empty(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
+
+
+def test_connection_commit_is_refused(db_connection, db_session):
+    db_session.add(Item(name="leak"))
+    db_session.flush()
+    with pytest.raises(SandboxBrokenError, match="Connection.commit"):
+        db_connection.commit()
+
+
+def test_raw_commit_is_refused_even_when_swallowed(db_session):
+    db_session.add(Item(name="leak"))
+    db_session.flush()
+    try:
+        db_session.execute(text("COMMIT"))
+    except Exception:
+        pass  # application code that hides the error must still fail the test
+
+
+def test_outer_rollback_fails_at_teardown(db_connection, db_session):
+    db_session.add(Item(name="x"))
+    db_session.commit()
+    db_connection.rollback()
+
+
+def test_next_test_starts_clean(db_session):
+    db_session.add(Item(name="leak"))
+    db_session.commit()
+"""
+
+
+def test_breaking_the_sandbox_fails_that_test_and_leaks_nothing(sync_project: Project) -> None:
+    sync_project.ini()
+    sync_project.tests(BREAKERS)
+    result = sync_project.run()
+    result.assert_outcomes(passed=4, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_connection_commit_is_refused*",
+            "*SandboxBrokenError: pytest-alchemy refused Connection.commit()*",
+            "*ERROR at teardown of test_raw_commit_is_refused_even_when_swallowed*",
+            "*SandboxBrokenError: pytest-alchemy refused to run 'COMMIT'*",
+            "*ERROR at teardown of test_outer_rollback_fails_at_teardown*",
+            "*rolled back the sandbox's outer transaction*",
+        ]
+    )
+    assert sync_project.leftover_tables() == []
+
+
+DDL = """
+from sqlalchemy import inspect, select, text
+
+from models import Item
+
+
+def test_create_table_in_a_test(db_session):
+    db_session.add(Item(name="x"))
+    db_session.execute(text("CREATE TABLE alchemy_scratch (id INTEGER)"))
+    db_session.commit()
+
+
+def test_the_table_and_the_row_are_gone(db_session):
+    assert not inspect(db_session.connection()).has_table("alchemy_scratch")
+    assert db_session.scalars(select(Item.name)).all() == []
+"""
+
+MYSQL_DDL = """
+import pytest
+from sqlalchemy import select, text
+
+from models import Item
+from pytest_alchemy import SandboxBrokenError
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE TABLE alchemy_scratch (id INTEGER)",
+    "TRUNCATE TABLE alchemy_item",
+    "ALTER TABLE alchemy_item ADD COLUMN extra INTEGER",
+])
+def test_implicit_commit_is_refused(db_session, statement):
+    db_session.add(Item(name="x"))
+    db_session.flush()
+    with pytest.raises(SandboxBrokenError, match="commit implicitly"):
+        db_session.execute(text(statement))
+
+
+def test_temporary_tables_are_fine(db_session):
+    db_session.execute(text("CREATE TEMPORARY TABLE alchemy_tmp (id INTEGER)"))
+    db_session.execute(text("INSERT INTO alchemy_tmp VALUES (1)"))
+    db_session.add(Item(name="x"))
+    db_session.commit()
+    assert db_session.scalar(text("SELECT COUNT(*) FROM alchemy_tmp")) == 1
+    db_session.execute(text("DROP TEMPORARY TABLE alchemy_tmp"))
+
+
+def test_nothing_leaked(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
+"""
+
+
+def test_ddl_in_a_test_is_rolled_back_or_refused(sync_project: Project) -> None:
+    sync_project.ini()
+    if sync_project.url and sync_project.url.startswith("mysql"):
+        sync_project.tests(MYSQL_DDL)
+        result = sync_project.run()
+        result.assert_outcomes(passed=5, errors=3)
+        result.stdout.fnmatch_lines(["*MySQL and MariaDB commit implicitly on DDL*"])
+    else:
+        sync_project.tests(DDL)
+        sync_project.run().assert_outcomes(passed=2)
+    assert sync_project.leftover_tables() == []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from pytest_alchemy.sandbox import JOIN_MODE, Sandbox
+from pytest_alchemy.sandbox import JOIN_MODE, Sandbox, reset
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -127,6 +127,8 @@ class AsyncSandbox:
                 await asyncio.wait_for(self._transaction.rollback(), TEARDOWN_TIMEOUT)
             elif action == "invalidate":
                 await self.connection.invalidate()
+            elif action == "reset":
+                await self.connection.run_sync(reset)
         except Exception as exc:
             core.teardown_failed(exc)
             if not self.connection.closed:

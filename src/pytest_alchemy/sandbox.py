@@ -163,7 +163,7 @@ class Sandbox:
         return self.connection.closed or trans is None or not trans.is_active or bool(self.problem)
 
     def begin_teardown(self) -> str | None:
-        """Decide how to end the sandbox: ``"rollback"``, ``"invalidate"`` or None (done).
+        """Decide how to end the sandbox: ``"rollback"``, ``"invalidate"``, ``"reset"`` or None.
 
         Idempotent: only the first call returns an action. Statements run by the action are
         the plugin's own, so the guard lets them through until :meth:`end_teardown`.
@@ -178,10 +178,13 @@ class Sandbox:
                 "connection belongs to the fixture, which closes it itself."
             )
             return None
-        # When SQLAlchemy's view of the transaction can no longer be trusted (a refused
-        # commit, an outer rollback), throwing the DBAPI connection away rolls back whatever
-        # the server still holds.
-        return "invalidate" if self.needs_invalidation() else "rollback"
+        if not self.needs_invalidation():
+            return "rollback"
+        # SQLAlchemy's view of the transaction can no longer be trusted (a refused commit, an
+        # outer rollback): throwing the DBAPI connection away rolls back whatever the server
+        # still holds. An in-memory SQLite connection *is* the database, so roll it back
+        # at the DBAPI level instead.
+        return "reset" if dialects.is_memory(self.connection.engine.url) else "invalidate"
 
     def teardown_failed(self, exc: BaseException) -> None:
         self.problem = self.problem or f"Rolling back the sandbox failed: {exc!r}"
@@ -199,12 +202,20 @@ class Sandbox:
                 self.transaction.rollback()
             elif action == "invalidate":
                 self.connection.invalidate()
+            elif action == "reset":
+                reset(self.connection)
         except Exception as exc:
             self.teardown_failed(exc)
             if not self.connection.closed:
                 self.connection.invalidate()
         finally:
             self.end_teardown()
+
+
+def reset(connection: Connection) -> None:
+    """Roll back at both levels: SQLAlchemy's transaction, and whatever the driver holds."""
+    connection.rollback()  # also clears a transaction SQLAlchemy left inactive
+    connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
 
 
 class ConnectionKeeper:

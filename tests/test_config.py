@@ -1,0 +1,98 @@
+"""Configuration: each route, the precedence between them, and the report header."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project
+
+SHOW = "def test_nothing():\n    pass\n"
+
+
+def header(pytester: pytest.Pytester, *args: str, env: str | None = None) -> list[str]:
+    project = Project(pytester, None)
+    project.ini(metadata=False)
+    project.tests(SHOW)
+    if env is not None:
+        pytester._monkeypatch.setenv("PYTEST_ALCHEMY_URL", env)
+    result = project.run(*args)
+    result.assert_outcomes(passed=1)
+    return [line for line in result.outlines if line.startswith("alchemy:")]
+
+
+def test_url_default_is_a_sqlite_file_in_pytest_tmp(pytester: pytest.Pytester) -> None:
+    assert header(pytester) == [
+        "alchemy: url=sqlite:///<pytest tmp>/alchemy.sqlite3 (from the default)"
+    ]
+
+
+def test_url_from_ini(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, "-o", "alchemy_url=postgresql+psycopg://u:pw@db/app")
+    assert lines == ["alchemy: url=postgresql+psycopg://u:***@db/app (from alchemy_url (ini))"]
+
+
+def test_url_from_env(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, env="mysql+pymysql://root@db/app")
+    assert lines == ["alchemy: url=mysql+pymysql://root@db/app (from PYTEST_ALCHEMY_URL)"]
+
+
+def test_url_from_cli(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, "--alchemy-url", "sqlite:///x.db")
+    assert lines == ["alchemy: url=sqlite:///x.db (from --alchemy-url)"]
+
+
+def test_env_beats_ini(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, "-o", "alchemy_url=sqlite:///ini.db", env="sqlite:///env.db")
+    assert lines == ["alchemy: url=sqlite:///env.db (from PYTEST_ALCHEMY_URL)"]
+
+
+def test_cli_beats_env(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, "--alchemy-url", "sqlite:///cli.db", env="sqlite:///env.db")
+    assert lines == ["alchemy: url=sqlite:///cli.db (from --alchemy-url)"]
+
+
+def test_async_url_is_shown_with_its_source(pytester: pytest.Pytester) -> None:
+    lines = header(pytester, "--alchemy-async-url", "postgresql+asyncpg://u:pw@db/app")
+    assert (
+        lines[1]
+        == "alchemy: async url=postgresql+asyncpg://u:***@db/app (from --alchemy-async-url)"
+    )
+
+
+ENGINE_URLS = """
+import pytest
+
+def test_sync(db_engine):
+    print("SYNC", db_engine.url.drivername)
+
+@pytest.mark.asyncio
+async def test_async(async_db_engine):
+    print("ASYNC", async_db_engine.url.drivername)
+"""
+
+
+@pytest.mark.parametrize(
+    ("given", "sync", "asynchronous"),
+    [
+        ("sqlite", "sqlite", "sqlite+aiosqlite"),
+        ("sqlite+aiosqlite", "sqlite+pysqlite", "sqlite+aiosqlite"),
+    ],
+)
+def test_sync_and_async_urls_are_derived_from_each_other(
+    pytester: pytest.Pytester, given: str, sync: str, asynchronous: str
+) -> None:
+    project = Project(pytester, f"{given}:///{pytester.path}/app.sqlite3")
+    project.ini()
+    project.tests(ENGINE_URLS)
+    result = project.run("-s")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"*SYNC {sync}*", f"*ASYNC {asynchronous}*"])
+
+
+def test_async_url_can_be_set_explicitly(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, f"sqlite:///{pytester.path}/app.sqlite3")
+    project.ini(f"alchemy_async_url = sqlite+aiosqlite:///{pytester.path}/other.sqlite3\n")
+    project.tests(ENGINE_URLS)
+    result = project.run("-s")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*ASYNC sqlite+aiosqlite*"])
+    assert (pytester.path / "other.sqlite3").exists()

@@ -1,0 +1,230 @@
+"""Misuse and broken setups get a short error that names the option and the fix."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import Project
+from sqlalchemy import create_engine, text
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class RefusingServer:
+    """A TCP server on loopback that accepts connections, counts them and hangs up."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[RefusingServer]:
+    server = RefusingServer()
+    yield server
+    server.close()
+
+
+THREE_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("n", range({count}))
+def test_uses_the_database(db_session, n):
+    pass
+"""
+
+THREE_ASYNC_TESTS = """
+import pytest
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("n", range({count}))
+async def test_uses_the_database(async_db_session, n):
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("driver", "source"),
+    [("postgresql+psycopg", THREE_TESTS), ("postgresql+asyncpg", THREE_ASYNC_TESTS)],
+    ids=["sync", "async"],
+)
+def test_unreachable_server_fails_fast_once_with_masked_url(
+    pytester: pytest.Pytester, refusing_server: RefusingServer, driver: str, source: str
+) -> None:
+    url = f"{driver}://postgres:s3cret@127.0.0.1:{refusing_server.port}/app"
+    attempts = []
+    for count in (1, 3):
+        before = refusing_server.accepted
+        project = Project(pytester, url)
+        project.ini(metadata=False)
+        project.tests(source.format(count=count))
+        result = project.run(subprocess=True)
+        result.assert_outcomes(errors=count)
+        attempts.append(refusing_server.accepted - before)
+        result.stdout.fnmatch_lines(
+            [
+                "*DatabaseUnavailableError: Cannot connect to the test database "
+                f"{driver}://postgres:***@127.0.0.1:{refusing_server.port}/app "
+                "(from alchemy_url (ini))*--alchemy-url / PYTEST_ALCHEMY_URL / alchemy_url*"
+            ]
+        )
+        assert "s3cret" not in result.stdout.str()
+    assert attempts[0] > 0
+    assert attempts[1] == attempts[0], "later tests must reuse the first failure, not reconnect"
+
+
+def test_plugin_is_inert_for_tests_that_do_not_ask(
+    pytester: pytest.Pytester, refusing_server: RefusingServer
+) -> None:
+    project = Project(pytester, f"postgresql+psycopg://postgres@127.0.0.1:{refusing_server.port}/x")
+    project.ini()  # even a metadata path that is never imported
+    pytester.makepyfile(models="raise RuntimeError('imported')")
+    project.tests("def test_plain():\n    assert True\n")
+    project.run().assert_outcomes(passed=1)
+    assert refusing_server.accepted == 0
+
+
+def test_missing_driver_names_the_pip_command(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_alchemy")
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("mysqlclient is installed here; the test needs a driver that is missing")
+    project = Project(pytester, "mysql+mysqldb://root@127.0.0.1/test")
+    project.ini(metadata=False)
+    project.tests(THREE_TESTS.format(count=1))
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*DriverMissingError*not installed*pip install mysqlclient*"])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nomodule_here:Base", "*alchemy_metadata = 'nomodule_here:Base': cannot import module*"),
+        ("models:Missing", "*alchemy_metadata = 'models:Missing': module 'models' has no attr*"),
+        ("models:Item", "*alchemy_metadata = 'models:Item' is a *not a MetaData*"),
+    ],
+)
+def test_bad_metadata_path_names_the_key(
+    pytester: pytest.Pytester, value: str, message: str
+) -> None:
+    project = Project(pytester, None)
+    project.ini(f"alchemy_metadata = {value}\n", metadata=False)
+    pytester.makepyfile(models="class Item:\n    pass\n")
+    project.tests(THREE_TESTS.format(count=2))
+    result = project.run()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines([message])
+
+
+def test_metadata_value_that_is_not_an_import_path_is_a_usage_error(
+    pytester: pytest.Pytester,
+) -> None:
+    project = Project(pytester, None)
+    project.ini("alchemy_metadata = models.Base\n", metadata=False)
+    project.tests(THREE_TESTS.format(count=1))
+    result = project.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*alchemy_metadata = 'models.Base' is not an import path*"])
+
+
+def test_bad_url_is_a_usage_error_without_echoing_it(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    project.ini(metadata=False)
+    project.tests(THREE_TESTS.format(count=1))
+    result = project.run("--alchemy-url", "not a url:pw")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--alchemy-url: not a SQLAlchemy URL*"])
+    assert "pw" not in result.stderr.str()
+
+
+def test_async_fixture_in_a_sync_test_says_what_to_write(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    project.ini()
+    project.tests("def test_sync(async_db_session):\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*test_sync is a sync test but requests the async fixture async_db_engine*async def*"]
+    )
+
+
+def test_async_fixture_without_an_async_runner_says_what_to_install(
+    pytester: pytest.Pytester,
+) -> None:
+    project = Project(pytester, None)
+    project.ini(loop_scopes="")
+    project.tests("async def test_async(async_db_session):\n    pass\n")
+    result = project.run("-p", "no:asyncio", "-p", "no:anyio", "-W", "ignore")
+    result.stdout.fnmatch_lines(
+        ["*needs an async test runner*pip install 'pytest-alchemy[[]asyncio]'*"]
+    )
+    assert result.ret != 0
+
+
+def test_existing_tables_are_a_conflict_and_are_left_alone(
+    pytester: pytest.Pytester,
+) -> None:
+    url = f"sqlite:///{pytester.path}/app.sqlite3"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE alchemy_item (id INTEGER PRIMARY KEY, name TEXT)"))
+        conn.execute(text("INSERT INTO alchemy_item VALUES (1, 'precious')"))
+    project = Project(pytester, url)
+    project.ini()
+    project.tests(THREE_TESTS.format(count=2))
+    result = project.run()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        ["*SchemaConflictError: alchemy_metadata: table(s) 'alchemy_item' already exist*"]
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM alchemy_item")).scalars().all() == ["precious"]
+    engine.dispose()
+
+
+def test_only_the_tables_the_run_created_are_dropped(pytester: pytest.Pytester) -> None:
+    url = f"sqlite:///{pytester.path}/app.sqlite3"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE unrelated (id INTEGER PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO unrelated VALUES (7)"))
+    project = Project(pytester, url)
+    project.ini()
+    project.tests(THREE_TESTS.format(count=1))
+    project.run().assert_outcomes(passed=1)
+    with engine.connect() as conn:
+        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).scalars()
+        assert sorted(tables) == ["unrelated"]
+        assert conn.execute(text("SELECT id FROM unrelated")).scalars().all() == [7]
+    engine.dispose()
