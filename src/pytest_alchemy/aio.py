@@ -93,8 +93,15 @@ class LoopEngines:
         """The state of the running loop, if it has one."""
         return self._states.get(asyncio.get_running_loop())
 
-    def forget(self) -> None:
-        """Drop references at session end; loops still running close their own engines."""
+    def close(self) -> None:
+        """At session end: close each idle loop's connection and engine on that loop.
+
+        A loop that is closed already was finalized through its shutdown; one that is running
+        (the caller is inside it) finalizes at its own shutdown.
+        """
+        for loop, state in list(self._states.items()):
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(state.aclose())
         self._states = weakref.WeakKeyDictionary()
 
 

@@ -200,6 +200,10 @@ class Target:
         problems: list[str] = []
         if self._keeper is not None:
             self._keeper.close()
+        try:
+            self.loops.close()
+        except Exception as exc:
+            problems.append(f"closing the async connections failed: {_first_line(exc)}")
         for built, drop in self._built.values():
             try:
                 drop(built)
@@ -208,7 +212,6 @@ class Target:
         self._built.clear()
         if self._engine is not None:
             self._engine.dispose()
-        self.loops.forget()
         return problems
 
 

@@ -1,0 +1,1 @@
+"""A small async application on the same models, with AsyncSession."""

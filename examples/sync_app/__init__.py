@@ -1,0 +1,1 @@
+"""A small sync application: accounts and transfers, committing as real code does."""
