@@ -27,17 +27,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from pytest_alchemy import aio, dialects
 from pytest_alchemy.sandbox import JOIN_MODE, ConnectionKeeper, Sandbox, close_session_after
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 PG = "postgresql+{driver}://postgres@127.0.0.1:5432/test"
 MY = "mysql+{driver}://root@127.0.0.1:3306/test"
@@ -156,7 +157,9 @@ async def bench_async(name: str, url: str, rounds: int) -> None:
     async def bare() -> None:
         (await held.exec_driver_sql("SELECT 1")).scalar()
 
-    def plugin_test(body: Callable[[AsyncSession], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    def plugin_test(
+        body: Callable[[AsyncSession], Awaitable[Any]],
+    ) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             sandbox = await aio.open_sandbox(await state.acquire())
             session = AsyncSession(bind=sandbox.connection, join_transaction_mode=JOIN_MODE)
@@ -202,9 +205,7 @@ async def bench_async(name: str, url: str, rounds: int) -> None:
         times["plugin"].append(await atimed(one_query))
         times["classic"].append(await atimed(classic))
         times["untouched"].append(await atimed(untouched))
-        commit_times.append(
-            (await atimed(with_commits) - await atimed(without_commits)) / COMMITS
-        )
+        commit_times.append((await atimed(with_commits) - await atimed(without_commits)) / COMMITS)
     times["commit"] = commit_times
     report(name, times)
     await held.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -228,3 +229,22 @@ def test_only_the_tables_the_run_created_are_dropped(pytester: pytest.Pytester) 
         assert sorted(tables) == ["unrelated"]
         assert conn.execute(text("SELECT id FROM unrelated")).scalars().all() == [7]
     engine.dispose()
+
+
+def test_sync_suite_needs_no_greenlet(pytester: pytest.Pytester) -> None:
+    # SQLAlchemy 2.1 no longer installs greenlet; a sync-only user must not need it.
+    project = Project(pytester, None)
+    project.ini(loop_scopes="")
+    project.tests("def test_sync(db_session):\n    assert db_session.connection()\n")
+    runner = pytester.makepyfile(
+        run_without_greenlet="""
+        import sys
+        sys.modules["greenlet"] = None  # any import of greenlet now fails
+        import pytest
+        sys.exit(pytest.main(["-p", "no:asyncio", "-p", "no:anyio", "-p", "no:cacheprovider",
+                              "test_app.py"]))
+        """
+    )
+    result = pytester.run(sys.executable, str(runner))
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*1 passed*"])

@@ -22,14 +22,19 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
-
-from pytest_alchemy.sandbox import JOIN_MODE, Sandbox, reset
+from pytest_alchemy.sandbox import Sandbox, reset
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncTransaction
+    # Imported lazily at run time: sqlalchemy.ext.asyncio needs greenlet, which a sync-only
+    # user of SQLAlchemy 2.1 may not have.
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        AsyncTransaction,
+    )
 
 #: Seconds an async teardown step may take before the connection is given up (invalidated).
 TEARDOWN_TIMEOUT = 30.0
@@ -120,10 +125,6 @@ class AsyncSandbox:
         self._transaction = await conn.begin()
         self.core.transaction = self._transaction.sync_transaction  # type: ignore[assignment]
 
-    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
-        """A factory whose sessions all join this sandbox."""
-        return async_sessionmaker(bind=self.connection, join_transaction_mode=JOIN_MODE)
-
     async def end(self) -> None:
         """Roll the outer transaction back; idempotent. Problems are left in ``core.problem``."""
         core = self.core
@@ -158,7 +159,7 @@ async def open_sandbox(connection: AsyncConnection) -> AsyncSandbox:
 async def close_session_after(session: AsyncSession) -> None:
     """Close a session at teardown, rolling the sandbox back first (saves a round trip)."""
     bind = session.bind
-    sandbox = _sandboxes.get(bind) if isinstance(bind, AsyncConnection) else None
+    sandbox = _sandboxes.get(bind) if bind is not None else None  # type: ignore[arg-type]
     if sandbox is not None:
         await sandbox.end()
     await session.close()

@@ -16,7 +16,7 @@ import pytest
 from pytest_alchemy import config as _config
 from pytest_alchemy.errors import AlchemyError, SandboxBrokenError
 from pytest_alchemy.provision import Target
-from pytest_alchemy.sandbox import Sandbox, close_session_after
+from pytest_alchemy.sandbox import JOIN_MODE, Sandbox, cached_maker, close_session_after
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -131,9 +131,9 @@ def db_sessionmaker(db_connection: Connection) -> sessionmaker[Session]:
     """A ``sessionmaker`` whose sessions all join the test's sandbox and see each other's work."""
     from sqlalchemy.orm import sessionmaker
 
-    from pytest_alchemy.sandbox import JOIN_MODE
-
-    return sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE)
+    return cached_maker(
+        db_connection, lambda: sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE)
+    )
 
 
 @pytest.fixture
@@ -204,9 +204,10 @@ def async_db_sessionmaker(
     """An ``async_sessionmaker`` whose sessions all join the test's sandbox."""
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from pytest_alchemy.sandbox import JOIN_MODE
-
-    return async_sessionmaker(bind=async_db_connection, join_transaction_mode=JOIN_MODE)
+    return cached_maker(
+        async_db_connection.sync_connection,  # type: ignore[arg-type]
+        lambda: async_sessionmaker(bind=async_db_connection, join_transaction_mode=JOIN_MODE),
+    )
 
 
 async def async_db_session(
