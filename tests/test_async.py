@@ -117,6 +117,14 @@ async def test_second_session_shares_the_connection(async_db_session, async_db_s
 
 
 @ROUNDS
+async def test_sessionmaker_settings_do_not_outlive_the_test(async_db_sessionmaker, round):
+    assert async_db_sessionmaker.kw.get("expire_on_commit", True) is True
+    async_db_sessionmaker.configure(expire_on_commit=False)
+    async with async_db_sessionmaker() as session:
+        assert session.sync_session.expire_on_commit is False
+
+
+@ROUNDS
 async def test_core_work_on_the_connection(async_db_connection, async_db_session, round):
     async with async_db_connection.begin_nested():
         await async_db_connection.execute(insert(Item).values(name="core"))
@@ -136,9 +144,9 @@ def test_async_semantics_hold_in_any_order(async_project: Project) -> None:
     async_project.ini()
     async_project.tests(SEMANTICS)
     result = async_project.run()
-    result.assert_outcomes(passed=20)
+    result.assert_outcomes(passed=22)
     again = async_project.run(*reversed(collected_ids(async_project)))
-    again.assert_outcomes(passed=20)
+    again.assert_outcomes(passed=22)
     assert async_project.leftover_tables() == []
 
 

@@ -142,6 +142,13 @@ def test_second_session_shares_the_connection(db_session, db_sessionmaker, round
 
 
 @ROUNDS
+def test_sessionmaker_settings_do_not_outlive_the_test(db_sessionmaker, round):
+    assert db_sessionmaker.kw.get("expire_on_commit", True) is True
+    db_sessionmaker.configure(expire_on_commit=False)
+    assert db_sessionmaker().expire_on_commit is False
+
+
+@ROUNDS
 def test_core_work_on_the_connection(db_connection, db_session, round):
     with db_connection.begin_nested():
         db_connection.execute(insert(Item).values(name="core"))
@@ -153,9 +160,9 @@ def test_sync_semantics_hold_in_any_order(sync_project: Project) -> None:
     sync_project.ini()
     sync_project.tests(SEMANTICS)
     result = sync_project.run()
-    result.assert_outcomes(passed=22)
+    result.assert_outcomes(passed=24)
     again = sync_project.run(*reversed(collected_ids(sync_project)))
-    again.assert_outcomes(passed=22)
+    again.assert_outcomes(passed=24)
     assert sync_project.leftover_tables() == []
 
 
