@@ -17,15 +17,14 @@ from sqlalchemy.pool import StaticPool
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection, Engine
-    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
     from sqlalchemy.pool import ConnectionPoolEntry
 
 #: Seconds a connection attempt may take before the test fails, unless the URL sets its own.
 CONNECT_TIMEOUT = 5
 
-#: Execution option that marks a statement as the plugin's own, so the sandbox's statement
-#: guard lets it through.
-INTERNAL = "alchemy_internal"
+#: Key in a pooled connection's ``info``: a transaction has begun and BEGIN is not sent yet.
+_BEGIN_PENDING = "alchemy_sqlite_begin_pending"
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,9 @@ def prepare_engine(engine: Engine) -> None:
     if engine.dialect.name == "sqlite" and not event.contains(engine, "begin", _sqlite_begin):
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "before_cursor_execute", _sqlite_send_begin)
+        event.listen(engine, "commit", _sqlite_transaction_ended)
+        event.listen(engine, "rollback", _sqlite_transaction_ended)
 
 
 def _sqlite_connect(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
@@ -153,9 +155,30 @@ def _sqlite_connect(dbapi_connection: DBAPIConnection, record: ConnectionPoolEnt
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    if getattr(connection.connection.dbapi_connection, "autocommit", None) is False:
-        return
-    connection.exec_driver_sql("BEGIN", execution_options={INTERNAL: True})
+    # BEGIN goes out with the transaction's first statement, so a test that never touches
+    # the database costs neither BEGIN nor ROLLBACK (sqlite3 skips ROLLBACK outside a
+    # transaction).
+    if getattr(connection.connection.dbapi_connection, "autocommit", None) is not False:
+        connection.info[_BEGIN_PENDING] = True
+
+
+def _sqlite_send_begin(
+    connection: Connection,
+    cursor: DBAPICursor,
+    statement: str,
+    parameters: Any,
+    context: ExecutionContext | None,
+    executemany: bool,
+) -> None:
+    info = connection.info
+    if info.get(_BEGIN_PENDING):
+        info[_BEGIN_PENDING] = False
+        cursor.execute("BEGIN")
+
+
+def _sqlite_transaction_ended(connection: Connection) -> None:
+    if not connection.invalidated:  # an invalidated connection's pool record is gone
+        connection.info.pop(_BEGIN_PENDING, None)
 
 
 # Statements that end the outer transaction whatever SQLAlchemy believes.

@@ -74,8 +74,6 @@ class Watch:
         if self.loop is not None:
             self._check_loop()
         if self.guard.match(statement) and not self.internal:
-            if context is not None and context.execution_options.get(dialects.INTERNAL):
-                return
             first_line = statement.strip().splitlines()[0][:80]
             self._refuse(
                 f"pytest-alchemy refused to run {first_line!r}: it would end the test's "
