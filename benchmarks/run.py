@@ -227,37 +227,67 @@ def reachable(url: str) -> bool:
 SUITE_TEST = """
 import pytest
 
+{fixtures}
+
 @pytest.mark.parametrize("n", range({count}))
 def test_noop({fixture}n):
     pass
 """
 
+# Four chained no-op fixtures shaped like the plugin's layers (a session-scoped engine, then
+# three function-scoped layers, two of them generators): what pytest itself charges for them.
+CHAIN = """
+@pytest.fixture(scope="session")
+def engine():
+    return object()
+
+@pytest.fixture
+def connection(engine):
+    yield engine
+
+@pytest.fixture
+def maker(connection):
+    return connection
+
+@pytest.fixture
+def session(maker):
+    yield maker
+"""
+
+SUITES = {
+    "without": ("", ""),
+    "4 no-op fixtures": (CHAIN, "session, "),
+    "with db_session": ("", "db_session, "),
+}
+
 
 def bench_suite(count: int, repeats: int) -> None:
-    """N no-op tests with and without ``db_session``, run as pytest subprocesses, interleaved."""
-    results: dict[str, list[float]] = {"without": [], "with db_session": []}
+    """N no-op tests with and without fixtures, run as pytest subprocesses, interleaved."""
+    results: dict[str, list[float]] = {name: [] for name in SUITES}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "pytest.ini").write_text("[pytest]\n")
-        for name, fixture in (("without", ""), ("with db_session", "db_session, ")):
-            folder = root / name.replace(" ", "_")
+        for index, (fixtures, fixture) in enumerate(SUITES.values()):
+            folder = root / f"suite{index}"
             folder.mkdir()
-            (folder / "test_suite.py").write_text(SUITE_TEST.format(count=count, fixture=fixture))
+            source = SUITE_TEST.format(count=count, fixture=fixture, fixtures=fixtures)
+            (folder / "test_suite.py").write_text(source)
         for _ in range(repeats):
-            for name in results:
-                folder = root / name.replace(" ", "_")
+            for index, name in enumerate(SUITES):
                 command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
                 start = time.perf_counter()
-                done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+                done = subprocess.run(
+                    command, cwd=root / f"suite{index}", capture_output=True, text=True
+                )
                 results[name].append(time.perf_counter() - start)
                 if done.returncode != 0:
                     raise SystemExit(f"suite {name!r} failed:\n{done.stdout[-2000:]}")
     base = statistics.median(results["without"])
-    used = statistics.median(results["with db_session"])
-    print(
-        f"suite of {count} no-op tests (SQLite default, median of {repeats}): "
-        f"without {base:.2f}s, with db_session {used:.2f}s, ratio {used / base:.2f}"
+    shown = ", ".join(
+        f"{name} {statistics.median(times):.2f}s ({statistics.median(times) / base:.2f}x)"
+        for name, times in results.items()
     )
+    print(f"suite of {count} no-op tests (SQLite default, median of {repeats}): {shown}")
 
 
 def main() -> None:

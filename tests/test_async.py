@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import collected_ids
+from conftest import ASYNC_DRIVERS, Driver, collected_ids, project_for
 
 if TYPE_CHECKING:
     from conftest import Project
@@ -276,3 +276,33 @@ def test_breaking_the_async_sandbox_fails_that_test_and_leaks_nothing(
         ]
     )
     assert async_project.leftover_tables() == []
+
+
+MYSQL_SESSION_STATE = """
+import pytest
+from sqlalchemy import text
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_session_settings_change(async_db_session):
+    await async_db_session.execute(text("SET SESSION sql_mode = 'ANSI_QUOTES'"))
+
+
+async def test_session_settings_do_not_reach_the_next_test(async_db_session):
+    mode = await async_db_session.scalar(text("SELECT @@SESSION.sql_mode"))
+    assert "ANSI_QUOTES" not in mode
+"""
+
+
+@pytest.mark.parametrize(
+    "driver", [d for d in ASYNC_DRIVERS if d.backend == "mysql"], ids=lambda d: d.id
+)
+def test_mysql_session_settings_stay_in_their_test(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    # Only MySQL and MariaDB keep session settings across a rollback.
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini()
+    project.tests(MYSQL_SESSION_STATE)
+    project.run().assert_outcomes(passed=2)

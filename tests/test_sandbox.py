@@ -273,6 +273,16 @@ def test_temporary_tables_are_fine(db_session):
 
 def test_nothing_leaked(db_session):
     assert db_session.scalars(select(Item.name)).all() == []
+
+
+def test_session_settings_change(db_session):
+    db_session.execute(text("SET SESSION sql_mode = 'ANSI_QUOTES'"))
+    db_session.execute(text("SET @alchemy_marker = 5"))
+
+
+def test_session_settings_do_not_reach_the_next_test(db_session):
+    assert "ANSI_QUOTES" not in db_session.scalar(text("SELECT @@SESSION.sql_mode"))
+    assert db_session.scalar(text("SELECT @alchemy_marker")) is None
 """
 
 
@@ -281,7 +291,7 @@ def test_ddl_in_a_test_is_rolled_back_or_refused(sync_project: Project) -> None:
     if sync_project.url and sync_project.url.startswith("mysql"):
         sync_project.tests(MYSQL_DDL)
         result = sync_project.run()
-        result.assert_outcomes(passed=5, errors=3)
+        result.assert_outcomes(passed=7, errors=3)
         result.stdout.fnmatch_lines(["*MySQL and MariaDB commit implicitly on DDL*"])
     else:
         sync_project.tests(DDL)

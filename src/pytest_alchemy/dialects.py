@@ -204,6 +204,16 @@ def statement_guard(dialect_name: str) -> re.Pattern[str]:
     return _GUARDS.get(family, _TRANSACTION_CONTROL)
 
 
+# MySQL and MariaDB keep session settings (SET SESSION ..., user variables, USE) across a
+# rollback; PostgreSQL rolls SET back with the transaction.
+_MYSQL_SESSION_STATE = re.compile(r"\s*(?:SET\b(?!\s+TRANSACTION\b)|USE\b)", re.I)
+
+
+def session_state_pattern(dialect_name: str) -> re.Pattern[str] | None:
+    """Statements whose effect outlives a rollback, so the connection must not be reused."""
+    return _MYSQL_SESSION_STATE if dialect_name in ("mysql", "mariadb") else None
+
+
 def refusal_advice(statement: str) -> str:
     """What to do instead of a statement the guard refused."""
     if not _TRANSACTION_CONTROL.match(statement) and _IMPLICIT_COMMIT.match(statement):

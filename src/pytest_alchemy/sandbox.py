@@ -49,6 +49,7 @@ class Watch:
         self.internal = False
         self.loop = loop
         self.guard: re.Pattern[str] = dialects.statement_guard(connection.dialect.name)
+        self.session_state = dialects.session_state_pattern(connection.dialect.name)
         event.listen(connection, "before_cursor_execute", self._before_cursor_execute)
         event.listen(connection, "commit", self._commit)
         event.listen(connection, "rollback", self._rollback)
@@ -73,6 +74,8 @@ class Watch:
             return
         if self.loop is not None:
             self._check_loop()
+        if self.session_state is not None and self.session_state.match(statement):
+            self.owner.changed_session = True
         if self.guard.match(statement) and not self.internal:
             first_line = statement.strip().splitlines()[0][:80]
             self._refuse(
@@ -163,6 +166,7 @@ class Sandbox:
     def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop | None = None):
         self.connection = connection
         self.problem: str | None = None
+        self.changed_session = False  # a MySQL SET that a rollback does not undo
         self._watch = watch(connection, loop)
         self._watch.owner = self
         self._ended = False
@@ -175,9 +179,11 @@ class Sandbox:
         self.transaction = self.connection.begin()
 
     def needs_invalidation(self) -> bool:
-        """Whether teardown cannot trust the connection's transaction state."""
+        """Whether teardown cannot trust the connection's state after a rollback."""
         trans = self.transaction
-        return self.connection.closed or trans is None or not trans.is_active or bool(self.problem)
+        if self.connection.closed or trans is None or not trans.is_active:
+            return True
+        return bool(self.problem) or self.changed_session
 
     def begin_teardown(self) -> str | None:
         """Decide how to end the sandbox: ``"rollback"``, ``"invalidate"``, ``"reset"`` or None.
