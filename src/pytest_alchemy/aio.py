@@ -22,7 +22,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pytest_alchemy.sandbox import Sandbox, reset
+from pytest_alchemy.sandbox import Sandbox, reset, restart_savepoint_names
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -122,6 +122,7 @@ class AsyncSandbox:
         conn = self.connection
         if conn.in_transaction():  # left over by a test that escaped; never commit
             await conn.rollback()
+        restart_savepoint_names(conn.sync_connection)  # type: ignore[arg-type]
         self._transaction = await conn.begin()
         self.core.transaction = self._transaction.sync_transaction  # type: ignore[assignment]
 
