@@ -11,11 +11,13 @@ import importlib
 import os
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -100,7 +102,7 @@ def scratch_databases() -> Iterator[dict[str, str]]:
         engine = create_engine(server, isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+                _drop_ours(conn, name)
                 conn.execute(text(f"CREATE DATABASE {name}"))
         except Exception as exc:
             made[backend] = f"!{type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -111,11 +113,19 @@ def scratch_databases() -> Iterator[dict[str, str]]:
     yield made
     for engine in engines.values():
         with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            _drop_ours(conn, name)
         engine.dispose()
+
+
+def _drop_ours(conn: Connection, name: str) -> None:
+    """Drop the scratch database and every database a test derived from its name."""
+    if conn.dialect.name == "postgresql":
+        query, force = "SELECT datname FROM pg_database", " WITH (FORCE)"
+    else:
+        query, force = "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA", ""
+    for (found,) in conn.execute(text(query)).all():
+        if name in found:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {found}{force}"))
 
 
 MODELS = """
@@ -168,22 +178,63 @@ class Project:
             return self.pytester.runpytest_subprocess(*base, *args, timeout=300)
         return self.pytester.runpytest_inprocess(*base, *args)
 
-    def leftover_tables(self) -> list[str]:
-        """Tables of the models still in the database after the run (should be none)."""
+    def sync_url(self) -> URL | None:
+        """The configured URL with a sync driver, for looking at the database from outside."""
         if not self.url or make_url(self.url).database in (None, "", ":memory:"):
-            return []
+            return None
         url = make_url(self.url)
         sync = {"asyncpg": "psycopg", "psycopg_async": "psycopg", "aiosqlite": "pysqlite"}.get(
             url.get_driver_name(), "pymysql" if url.get_backend_name() == "mysql" else None
         )
-        if sync:
-            url = url.set(drivername=f"{url.get_backend_name()}+{sync}")
+        return url.set(drivername=f"{url.get_backend_name()}+{sync}") if sync else url
+
+    def leftover_tables(self) -> list[str]:
+        """What the run left behind: the models' tables, or the test database itself."""
+        url = self.sync_url()
+        if url is None:
+            return []
+        if database_exists(url, derived_name(url)):
+            return [f"database {derived_name(url)}"]
         engine = create_engine(url)
         try:
             names = set(inspect(engine).get_table_names())
         finally:
             engine.dispose()
         return sorted(names & {"alchemy_item", "alchemy_tag"})
+
+
+def derived_name(url: URL, name: str = "") -> str:
+    """The test database the plugin derives from ``url`` (a file path for SQLite)."""
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite":
+        path = Path(database)
+        return str(path.with_name(f"{name or 'test_' + path.stem}{path.suffix}"))
+    return name or f"test_{database}"
+
+
+def admin(url: URL) -> Engine:
+    """An AUTOCOMMIT engine on the server of ``url`` (not on its database)."""
+    if url.get_backend_name() == "postgresql":
+        server = url.set(database="postgres")
+    else:
+        server = url._replace(database=None)
+    return create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+
+def database_exists(url: URL, name: str) -> bool:
+    if url.get_backend_name() == "sqlite":
+        return Path(name).exists()
+    engine = admin(url)
+    query = (
+        "SELECT 1 FROM pg_database WHERE datname = :n"
+        if url.get_backend_name() == "postgresql"
+        else "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = :n"
+    )
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(query), {"n": name}).first() is not None
+    finally:
+        engine.dispose()
 
 
 def collected_ids(project: Project) -> list[str]:

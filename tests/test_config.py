@@ -59,14 +59,15 @@ def test_async_url_is_shown_with_its_source(pytester: pytest.Pytester) -> None:
 
 
 ENGINE_URLS = """
+import os
 import pytest
 
 def test_sync(db_engine):
-    print("SYNC", db_engine.url.drivername)
+    print("SYNC", db_engine.url.drivername, os.path.basename(db_engine.url.database))
 
 @pytest.mark.asyncio
 async def test_async(async_db_engine):
-    print("ASYNC", async_db_engine.url.drivername)
+    print("ASYNC", async_db_engine.url.drivername, os.path.basename(async_db_engine.url.database))
 """
 
 
@@ -94,5 +95,7 @@ def test_async_url_can_be_set_explicitly(pytester: pytest.Pytester) -> None:
     project.tests(ENGINE_URLS)
     result = project.run("-s")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*ASYNC sqlite+aiosqlite*"])
-    assert (pytester.path / "other.sqlite3").exists()
+    result.stdout.fnmatch_lines(
+        ["*SYNC sqlite test_app.sqlite3*", "*ASYNC sqlite+aiosqlite test_other.sqlite3*"]
+    )
+    assert not (pytester.path / "test_other.sqlite3").exists()  # created and dropped

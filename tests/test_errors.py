@@ -92,8 +92,8 @@ def test_unreachable_server_fails_fast_once_with_masked_url(
         result.stdout.fnmatch_lines(
             [
                 "*DatabaseUnavailableError: Cannot connect to the test database "
-                f"{driver}://postgres:***@127.0.0.1:{refusing_server.port}/app "
-                "(from alchemy_url (ini))*--alchemy-url / PYTEST_ALCHEMY_URL / alchemy_url*"
+                f"{driver}://postgres:***@127.0.0.1:{refusing_server.port}/test_app "
+                "(derived from alchemy_url (ini))*--alchemy-url / PYTEST_ALCHEMY_URL / alchemy_url*"
             ]
         )
         assert "s3cret" not in result.stdout.str()
@@ -193,9 +193,7 @@ def test_async_fixture_without_an_async_runner_says_what_to_install(
     assert result.ret != 0
 
 
-def test_existing_tables_are_a_conflict_and_are_left_alone(
-    pytester: pytest.Pytester,
-) -> None:
+def test_the_base_database_is_never_touched(pytester: pytest.Pytester) -> None:
     url = f"sqlite:///{pytester.path}/app.sqlite3"
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -204,31 +202,11 @@ def test_existing_tables_are_a_conflict_and_are_left_alone(
     project = Project(pytester, url)
     project.ini()
     project.tests(THREE_TESTS.format(count=2))
-    result = project.run()
-    result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(
-        ["*SchemaConflictError: alchemy_metadata: table(s) 'alchemy_item' already exist*"]
-    )
+    project.run().assert_outcomes(passed=2)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM alchemy_item")).scalars().all() == ["precious"]
     engine.dispose()
-
-
-def test_only_the_tables_the_run_created_are_dropped(pytester: pytest.Pytester) -> None:
-    url = f"sqlite:///{pytester.path}/app.sqlite3"
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE unrelated (id INTEGER PRIMARY KEY)"))
-        conn.execute(text("INSERT INTO unrelated VALUES (7)"))
-    project = Project(pytester, url)
-    project.ini()
-    project.tests(THREE_TESTS.format(count=1))
-    project.run().assert_outcomes(passed=1)
-    with engine.connect() as conn:
-        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).scalars()
-        assert sorted(tables) == ["unrelated"]
-        assert conn.execute(text("SELECT id FROM unrelated")).scalars().all() == [7]
-    engine.dispose()
+    assert not (pytester.path / "test_app.sqlite3").exists()
 
 
 def test_sync_suite_needs_no_greenlet(pytester: pytest.Pytester) -> None:

@@ -7,6 +7,7 @@ from pytest_alchemy.errors import (
     DatabaseUnavailableError,
     DriverMissingError,
     EventLoopMismatchError,
+    ProvisioningError,
     SandboxBrokenError,
     SchemaConflictError,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",
+    "ProvisioningError",
     "SandboxBrokenError",
     "SchemaConflictError",
     "__version__",

@@ -42,6 +42,11 @@ class Option:
 URL_OPTION = Option("--alchemy-url", "PYTEST_ALCHEMY_URL", "alchemy_url")
 ASYNC_URL_OPTION = Option("--alchemy-async-url", "PYTEST_ALCHEMY_ASYNC_URL", "alchemy_async_url")
 METADATA_INI = "alchemy_metadata"
+TEST_DATABASE_INI = "alchemy_test_database"
+SUFFIX_OPTION = Option(
+    "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
+)
+_NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class Settings:
     url: Setting
     async_url: Setting
     metadata: tuple[str, ...]
+    test_database: str | None = None
+    database_suffix: str | None = None
+    worker: str | None = None  # pytest-xdist worker id
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -114,7 +122,23 @@ def resolve(config: pytest.Config) -> Settings:
     url = _parse_url(*_lookup(config, URL_OPTION), URL_OPTION)
     async_url = _parse_url(*_lookup(config, ASYNC_URL_OPTION), ASYNC_URL_OPTION)
     metadata = validate_import_paths(METADATA_INI, config.getini(METADATA_INI))
-    return Settings(url=url, async_url=async_url, metadata=metadata)
+    test_database = _name_part(TEST_DATABASE_INI, config.getini(TEST_DATABASE_INI) or None)
+    raw_suffix, suffix_source = _lookup(config, SUFFIX_OPTION)
+    suffix = _name_part(SUFFIX_OPTION.spelled(suffix_source), raw_suffix)
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    return Settings(url, async_url, metadata, test_database, suffix, worker)
+
+
+def _name_part(key: str, value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if not _NAME_PART.match(value):
+        raise pytest.UsageError(
+            f"{key} = {value!r}: use only letters, digits and underscores, so the database "
+            f"name needs no quoting on any backend."
+        )
+    return value
 
 
 def mask(url: URL) -> str:

@@ -11,6 +11,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",
+    "ProvisioningError",
     "SandboxBrokenError",
     "SchemaConflictError",
 ]
@@ -30,6 +31,10 @@ class DatabaseUnavailableError(AlchemyError):
 
 class SchemaConflictError(AlchemyError):
     """The test database already holds tables the plugin was asked to create."""
+
+
+class ProvisioningError(AlchemyError):
+    """The test database cannot be created or used safely."""
 
 
 class SandboxBrokenError(AlchemyError):

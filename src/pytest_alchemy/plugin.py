@@ -55,6 +55,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini(url.ini, help="SQLAlchemy URL of the test database.", default="")
     parser.addini(async_url.ini, help="SQLAlchemy URL for the async fixtures.", default="")
+    suffix = _config.SUFFIX_OPTION
+    group.addoption(
+        suffix.cli,
+        dest=suffix.dest,
+        default=None,
+        metavar="SUFFIX",
+        help=f"Appended to the test database's name, so concurrent runs against one server "
+        f"never collide (env {suffix.env}, ini {suffix.ini}).",
+    )
+    parser.addini(suffix.ini, help="Appended to the test database's name.", default="")
+    parser.addini(
+        _config.TEST_DATABASE_INI,
+        default="",
+        help="Name of the test database (default: 'test_' + the database named in the URL).",
+    )
     parser.addini(
         _config.METADATA_INI,
         type="linelist",

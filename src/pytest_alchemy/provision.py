@@ -1,5 +1,7 @@
 """The target: the database the tests run on, its engines, and its schema's lifetime.
 
+The test database itself is created and dropped by :mod:`pytest_alchemy.databases`.
+
 Nothing here connects until a test asks for a database fixture. The first failure (driver
 missing, server unreachable, schema conflict) is remembered, so every later test fails with the
 same short message instead of retrying the connection.
@@ -7,16 +9,15 @@ same short message instead of retrying the connection.
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import uuid
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import NoSuchModuleError
 
-from pytest_alchemy import dialects, schema
+from pytest_alchemy import databases, dialects, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
 from pytest_alchemy.config import Setting, Settings, mask
 from pytest_alchemy.errors import (
@@ -27,7 +28,7 @@ from pytest_alchemy.errors import (
 from pytest_alchemy.sandbox import ConnectionKeeper
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable
     from pathlib import Path
 
     from sqlalchemy import MetaData
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
-
-_UNREACHABLE = (DBAPIError, OSError, asyncio.TimeoutError, ConnectionError)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -57,6 +56,8 @@ class Target:
         self._keeper: ConnectionKeeper | None = None
         self._sync_failure: AlchemyError | None = None
         self._async_failure: AlchemyError | None = None
+        self._databases: dict[str, databases.ProvisionedDatabase] = {}
+        self._run_id = uuid.uuid4().hex
         self.loops = LoopEngines(self._new_async_engine)
 
     # -- URLs -------------------------------------------------------------------------------
@@ -65,20 +66,37 @@ class Target:
     def urls(self) -> tuple[URL, URL]:
         """(sync URL, async URL), with the default SQLite file resolved."""
         if self._urls is None:
-            base = self.settings.url.url
-            if base is None:
+            s = self.settings
+            base = s.url.url
+            if base is None:  # a file of our own in pytest's temporary directory, per worker
                 base = make_url(f"sqlite:///{self._tmp_dir() / 'alchemy.sqlite3'}")
-            async_url = self.settings.async_url.url or dialects.async_twin(base)
-            self._urls = (dialects.sync_twin(base), async_url)
+            sync_url = dialects.sync_twin(base)
+            async_url = s.async_url.url or dialects.async_twin(base)
+            if s.url.url is not None:
+                naming = databases.Naming(s.test_database, s.database_suffix, s.worker)
+                sync_url = databases.derive_test_url(sync_url, naming)
+                async_url = databases.derive_test_url(async_url, naming)
+            self._urls = (sync_url, async_url)
         return self._urls
+
+    def _provision(self, url: URL) -> None:
+        """Create the test database behind ``url`` once per run (not the default file)."""
+        if self.settings.url.url is None or dialects.is_memory(url):
+            return
+        key = self._schema_key(url, None)
+        if key not in self._databases:
+            self._databases[key] = databases.provision(url, self._run_id)
 
     def _origin(self, url: URL, setting: Setting) -> str:
         given = setting.url
-        derived = given is not None and given.drivername != url.drivername
+        if given is None:
+            return f"from {setting.origin}"
+        other_driver = given.drivername != url.drivername
+        derived = other_driver or given.database != url.database
         how = f"derived from {setting.origin}" if derived else f"from {setting.origin}"
-        if setting.option is self.settings.async_url.option or not derived:
-            return how
-        return f"{how}; set {self.settings.async_url.option.ini} to choose the async driver"
+        if other_driver and dialects.is_async(url) and setting.option is self.settings.url.option:
+            return f"{how}; set {self.settings.async_url.option.ini} to choose the async driver"
+        return how
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -135,6 +153,7 @@ class Target:
         metadatas = self._metadatas()
         engine: Engine | None = None
         try:
+            self._provision(url)
             url, options = dialects.engine_options(url)
             engine = create_engine(url, **options)
             dialects.prepare_engine(engine)
@@ -175,6 +194,7 @@ class Target:
         from sqlalchemy.ext.asyncio import create_async_engine
 
         metadatas = self._metadatas()
+        self._provision(self.urls[1])  # blocks the loop once, while the database is created
         url, options = dialects.engine_options(self.urls[1])
         engine = create_async_engine(url, **options)
         try:
@@ -184,7 +204,11 @@ class Target:
                 async with engine.begin() as conn:
                     built = await conn.run_sync(schema.build, metadatas, mask(url))
                 if not dialects.is_memory(url):
-                    self._remember(key, built, lambda b: _run_async(url, options, b.drop))
+                    self._remember(
+                        key,
+                        built,
+                        lambda b: databases.run_with_connection(url, b.drop, autocommit=False),
+                    )
             else:
                 async with engine.connect():
                     pass  # fail here, with the URL, rather than inside the first test
@@ -204,7 +228,10 @@ class Target:
             self.loops.close()
         except Exception as exc:
             problems.append(f"closing the async connections failed: {_first_line(exc)}")
-        for built, drop in self._built.values():
+        for key, (built, drop) in self._built.items():
+            database = self._databases.get(key)
+            if database is not None and database.created:
+                continue  # the whole database goes below
             try:
                 drop(built)
             except Exception as exc:
@@ -212,45 +239,17 @@ class Target:
         self._built.clear()
         if self._engine is not None:
             self._engine.dispose()
+        for database in self._databases.values():
+            try:
+                databases.release(database)
+            except Exception as exc:
+                problems.append(
+                    f"dropping the test database {mask(database.url)} failed: {_first_line(exc)}"
+                )
+        self._databases.clear()
         return problems
 
 
 def _run_sync(engine: Engine, fn: Callable[[Connection], Any]) -> None:
     with engine.begin() as conn:
         fn(conn)
-
-
-def _run_async(url: URL, options: dict[str, Any], fn: Callable[[Connection], Any]) -> None:
-    """Run ``fn`` with a connection of a fresh async engine, on a private loop and thread.
-
-    Used at session end, when the test loops may be gone, for async-only applications whose
-    sync driver is not installed.
-    """
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    async def main() -> None:
-        engine = create_async_engine(url, **options)
-        dialects.prepare_engine(engine.sync_engine)
-        try:
-            async with engine.begin() as conn:
-                await conn.run_sync(fn)
-        finally:
-            await engine.dispose()
-
-    _in_thread(main)
-
-
-def _in_thread(main: Callable[[], Coroutine[Any, Any, T]]) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="pytest-alchemy")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
