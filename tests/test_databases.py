@@ -199,3 +199,111 @@ def test_a_bad_suffix_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = project.run("--alchemy-database-suffix", "a-b")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--alchemy-database-suffix = 'a-b': use only letters*"])
+
+
+SEED = """
+import os
+
+
+def seed(connection):
+    from sqlalchemy import insert
+
+    from models import Item
+
+    connection.execute(insert(Item).values(name="seeded"))
+    with open(os.path.join({root!r}, "seed-calls.txt"), "a") as calls:
+        calls.write(str(os.getpid()) + "\\n")
+"""
+
+SEEDED_TESTS = """
+import pytest
+from sqlalchemy import delete, select
+
+from models import Item
+
+SYNC = {sync}
+
+if SYNC:
+    @pytest.mark.parametrize("n", range(4))
+    def test_sees_the_seed_and_may_destroy_it(db_session, n):
+        assert db_session.scalars(select(Item.name)).all() == ["seeded"]
+        db_session.execute(delete(Item))
+        db_session.commit()
+else:
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("n", range(4))
+    async def test_sees_the_seed_and_may_destroy_it(async_db_session, n):
+        assert (await async_db_session.scalars(select(Item.name))).all() == ["seeded"]
+        await async_db_session.execute(delete(Item))
+        await async_db_session.commit()
+"""
+
+
+@pytest.fixture
+def seeded_project(project: Project) -> Project:
+    root = str(project.pytester.path)
+    project.pytester.makepyfile(seeding=SEED.format(root=root))
+    project.ini("alchemy_seed = seeding:seed\n")
+    url = project.sync_url()
+    assert url is not None
+    is_async = any(d in (project.url or "") for d in ("asyncpg", "asyncmy"))
+    project.tests(SEEDED_TESTS.format(sync=not is_async))
+    return project
+
+
+def seed_calls(project: Project) -> int:
+    return len((project.pytester.path / "seed-calls.txt").read_text().splitlines())
+
+
+def template_left(project: Project) -> bool:
+    url = project.sync_url()
+    assert url is not None
+    stem, dot, ext = derived_name(url, "").partition(".")
+    return database_exists(url, f"{stem}_template{dot}{ext}")
+
+
+def test_the_seed_is_built_once_and_every_test_sees_it(seeded_project: Project) -> None:
+    result = seeded_project.run()
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(
+        ["alchemy: built the schema of models:Base and the rows of seeding:seed (2 tables) *s"]
+    )
+    assert seed_calls(seeded_project) == 1
+    assert seeded_project.leftover_tables() == []
+    assert not template_left(seeded_project)
+
+
+def test_xdist_workers_clone_one_template_built_once(seeded_project: Project) -> None:
+    result = seeded_project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=4)
+    assert seed_calls(seeded_project) == 1  # by one worker; the other cloned its template
+    assert seeded_project.leftover_tables() == []
+    assert not template_left(seeded_project)
+
+
+def test_a_bad_seed_path_names_the_key(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    project.ini("alchemy_seed = models:nothing\n")
+    project.tests("def test_x(db_session):\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*alchemy_seed = 'models:nothing': module 'models' has no*"])
+
+
+def test_fingerprint_follows_the_schema_and_the_seed() -> None:
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+
+    from pytest_alchemy.schema import fingerprint
+
+    def metadata(width: int) -> MetaData:
+        md = MetaData()
+        Table("t", md, Column("id", Integer, primary_key=True), Column("name", String(width)))
+        return md
+
+    assert fingerprint([metadata(10)], None) == fingerprint([metadata(10)], None)
+    assert fingerprint([metadata(10)], None) != fingerprint([metadata(20)], None)
+    assert fingerprint([metadata(10)], None) != fingerprint([metadata(10)], seed_stand_in)
+
+
+def seed_stand_in(connection: object) -> None:
+    """Stands in for a seed function in the fingerprint test above."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,9 +44,11 @@ URL_OPTION = Option("--alchemy-url", "PYTEST_ALCHEMY_URL", "alchemy_url")
 ASYNC_URL_OPTION = Option("--alchemy-async-url", "PYTEST_ALCHEMY_ASYNC_URL", "alchemy_async_url")
 METADATA_INI = "alchemy_metadata"
 TEST_DATABASE_INI = "alchemy_test_database"
+SEED_INI = "alchemy_seed"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
+RUN_ID_KEY = "alchemy_run_id"
 _NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -77,6 +80,8 @@ class Settings:
     test_database: str | None = None
     database_suffix: str | None = None
     worker: str | None = None  # pytest-xdist worker id
+    seed: str | None = None
+    run_id: str = ""  # shared by the xdist controller with its workers
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -125,8 +130,18 @@ def resolve(config: pytest.Config) -> Settings:
     test_database = _name_part(TEST_DATABASE_INI, config.getini(TEST_DATABASE_INI) or None)
     raw_suffix, suffix_source = _lookup(config, SUFFIX_OPTION)
     suffix = _name_part(SUFFIX_OPTION.spelled(suffix_source), raw_suffix)
-    worker = getattr(config, "workerinput", {}).get("workerid")
-    return Settings(url, async_url, metadata, test_database, suffix, worker)
+    workerinput = getattr(config, "workerinput", {})
+    seeds = validate_import_paths(SEED_INI, [config.getini(SEED_INI) or ""])
+    return Settings(
+        url,
+        async_url,
+        metadata,
+        test_database,
+        suffix,
+        workerinput.get("workerid"),
+        seeds[0] if seeds else None,
+        workerinput.get(RUN_ID_KEY) or uuid.uuid4().hex,
+    )
 
 
 def _name_part(key: str, value: str | None) -> str | None:

@@ -15,10 +15,14 @@ refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import threading
-import uuid
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +37,7 @@ from pytest_alchemy.config import mask
 from pytest_alchemy.errors import ProvisioningError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterator
 
     from sqlalchemy.engine import URL, Connection
 
@@ -43,7 +47,9 @@ MARKER_TABLE = "pytest_alchemy_marker"
 _marker = Table(
     MARKER_TABLE,
     MetaData(),
-    Column("run_id", String(32), primary_key=True),
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), nullable=False),
+    Column("fingerprint", String(64)),
     Column("created_at", DateTime),
     Column("host", String(255)),
     Column("pid", Integer),
@@ -57,10 +63,12 @@ class Naming:
     name: str | None = None  # alchemy_test_database
     suffix: str | None = None  # alchemy_database_suffix
     worker: str | None = None  # pytest-xdist worker id (gw0, gw1, ...)
+    template: bool = False  # the run's template, which the workers' databases are cloned from
 
     def derive(self, base: str) -> str:
         name = self.name or f"test_{base}"
-        for part in (self.suffix, self.worker):
+        last = "template" if self.template else self.worker
+        for part in (self.suffix, last):
             if part:
                 name = f"{name}_{part}"
         return name
@@ -145,6 +153,7 @@ class ProvisionedDatabase:
     url: URL
     created: bool  # this run created it: drop the whole database at the end
     adopted: bool  # it existed, empty: drop only the marker (and the tables we built)
+    recipe: Recipe | None = None
 
 
 class _Server:
@@ -198,52 +207,214 @@ def _tables(url: URL) -> list[str]:
     return run_with_connection(url, lambda c: inspect(c).get_table_names(), autocommit=True)
 
 
-def _mark(url: URL, run_id: str) -> None:
-    def mark(conn: Connection) -> None:
-        _marker.create(conn, checkfirst=True)
-        conn.execute(
-            _marker.insert().values(
-                run_id=run_id,
-                created_at=datetime.now(timezone.utc).replace(tzinfo=None),
-                host=socket.gethostname()[:255],
-                pid=os.getpid(),
-            )
+def _write_marker(conn: Connection, run_id: str, fingerprint: str | None) -> None:
+    _marker.create(conn, checkfirst=True)
+    conn.execute(
+        _marker.insert().values(
+            run_id=run_id,
+            fingerprint=fingerprint,
+            created_at=datetime.now(timezone.utc).replace(tzinfo=None),
+            host=socket.gethostname()[:255],
+            pid=os.getpid(),
         )
+    )
 
-    run_with_connection(url, mark, autocommit=False)
+
+def _mark(url: URL, run_id: str, fingerprint: str | None) -> None:
+    run_with_connection(url, lambda c: _write_marker(c, run_id, fingerprint), autocommit=False)
 
 
-def provision(target: URL, run_id: str | None = None) -> ProvisionedDatabase:
-    """Create (or adopt, if empty) the test database ``target`` (see derive_test_url); mark it."""
+@dataclass(frozen=True)
+class Recipe:
+    """What fills a new test database (schema and seed rows), and its fingerprint."""
+
+    fill: Callable[[Connection], None]
+    empty: Callable[[Connection], None]  # undo fill (for a database we adopted, not created)
+    fingerprint: str
+    describe: str  # for the progress line: "the schema of myapp.models:Base (12 tables)"
+
+
+def provision(
+    target: URL,
+    run_id: str,
+    *,
+    recipe: Recipe | None = None,
+    template: URL | None = None,
+    report: Callable[[str], None] = lambda line: None,
+) -> ProvisionedDatabase:
+    """Create (or adopt, if empty) the test database ``target`` and mark it.
+
+    With a recipe the database is filled once per run: into ``template``, built if this run
+    has not built it yet, then cloned for each worker. Workers take turns through a lock, so
+    the template is built by the first and only cloned by the others.
+    """
     if dialects.is_memory(target):
         return ProvisionedDatabase(target, created=False, adopted=False)
-    run_id = run_id or uuid.uuid4().hex
-    sqlite = target.get_backend_name() == "sqlite"
-    server = None if sqlite else _Server(target)
-    name = target.database or ""
-    exists = Path(name).exists() if sqlite else server.exists(name)  # type: ignore[union-attr]
-    created = adopted = False
-    if exists:
-        tables = _tables(target)
+    server = _server(target)
+    with _file_lock(template or target):
+        if _claim(target, server) == "adopt":
+            if recipe is not None:
+                _fill(target, recipe, run_id, report)
+            else:
+                _mark(target, run_id, None)
+            return ProvisionedDatabase(target, created=False, adopted=True, recipe=recipe)
+        if recipe is not None and template is not None:
+            _ensure_template(template, recipe, run_id, report)
+        try:
+            if recipe is None or template is None:
+                _create(target, server)
+                _mark(target, run_id, None)
+            else:
+                _clone(template, target, server)
+                _mark(target, run_id, recipe.fingerprint)
+        except BaseException:
+            _drop_quietly(target, server)  # half made by us: leave nothing behind
+            raise
+    return ProvisionedDatabase(target, created=True, adopted=False)
+
+
+def _drop_quietly(url: URL, server: _Server | None) -> None:
+    with contextlib.suppress(Exception):  # the original error is the one worth reporting
+        _drop(url, server)
+
+
+def _server(url: URL) -> _Server | None:
+    return None if url.get_backend_name() == "sqlite" else _Server(url)
+
+
+def _exists(url: URL, server: _Server | None) -> bool:
+    name = url.database or ""
+    return Path(name).exists() if server is None else server.exists(name)
+
+
+def _create(url: URL, server: _Server | None) -> None:
+    if server is not None:
+        server.create(url.database or "")
+
+
+def _refuse(url: URL, tables: list[str]) -> None:
+    shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+    raise ProvisioningError(
+        f"The test database {mask(url)} already exists and holds tables ({shown}) but no "
+        f"pytest-alchemy marker, so it was not made by this plugin and is left alone. Drop it "
+        f"yourself if it is disposable, or choose another name with alchemy_test_database or "
+        f"alchemy_database_suffix."
+    )
+
+
+def _claim(url: URL, server: _Server | None) -> str:
+    """Make room for a database of ours at ``url``: ``"absent"`` or ``"adopt"`` (empty)."""
+    if not _exists(url, server):
+        return "absent"
+    tables = _tables(url)
+    if MARKER_TABLE in tables:
+        _drop(url, server)  # left by an earlier run of ours that did not clean up
+        return "absent"
+    if tables:
+        _refuse(url, tables)
+    return "adopt"
+
+
+def _markers(url: URL) -> list[tuple[str, str | None]]:
+    def read(conn: Connection) -> list[tuple[str, str | None]]:
+        rows = conn.execute(_marker.select().order_by(_marker.c.id)).all()
+        return [(row.run_id, row.fingerprint) for row in rows]
+
+    return run_with_connection(url, read, autocommit=True)
+
+
+def _ensure_template(
+    template: URL, recipe: Recipe, run_id: str, report: Callable[[str], None]
+) -> None:
+    """Build the template unless this run already did (with the same recipe)."""
+    server = _server(template)
+    if _exists(template, server):
+        tables = _tables(template)
         if MARKER_TABLE in tables:
-            _drop(target, server)  # left by an earlier run of ours that did not clean up
-            exists = False
+            if (run_id, recipe.fingerprint) in _markers(template):
+                return
+            _drop(template, server)
         elif tables:
-            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-            raise ProvisioningError(
-                f"The test database {mask(target)} already exists and holds tables ({shown}) "
-                f"but no pytest-alchemy marker, so it was not made by this plugin and is left "
-                f"alone. Drop it yourself if it is disposable, or choose another name with "
-                f"alchemy_test_database or alchemy_database_suffix."
-            )
+            _refuse(template, tables)
         else:
-            adopted = True
-    if not exists:
-        if server is not None:
-            server.create(name)
-        created = True
-    _mark(target, run_id)
-    return ProvisionedDatabase(target, created=created, adopted=adopted)
+            _fill(template, recipe, run_id, report)  # an empty database we may use
+            return
+    _create(template, server)
+    try:
+        _fill(template, recipe, run_id, report)
+    except BaseException:
+        _drop_quietly(template, server)
+        raise
+
+
+def _fill(url: URL, recipe: Recipe, run_id: str, report: Callable[[str], None]) -> None:
+    started = time.perf_counter()
+
+    def fill(conn: Connection) -> None:
+        recipe.fill(conn)
+        _write_marker(conn, run_id, recipe.fingerprint)
+
+    run_with_connection(url, fill, autocommit=False)
+    report(f"built {recipe.describe} into {mask(url)} in {time.perf_counter() - started:.2f}s")
+
+
+def _clone(template: URL, target: URL, server: _Server | None) -> None:
+    """Copy the template's tables and rows into the new database ``target``."""
+    if server is None:
+        shutil.copyfile(template.database or "", target.database or "")
+    elif server.family == "postgresql":
+        server.run(
+            lambda c: c.exec_driver_sql(
+                f"CREATE DATABASE {_quote(c, target.database or '')} "
+                f"TEMPLATE {_quote(c, template.database or '')}"
+            )
+        )
+    else:
+        server.create(target.database or "")
+        run_with_connection(
+            target, lambda c: _copy_mysql(c, template.database or ""), autocommit=True
+        )
+
+
+def _copy_mysql(conn: Connection, source: str) -> None:
+    """MySQL has no CREATE DATABASE ... TEMPLATE: copy each table's definition, then its rows."""
+    quoted = _quote(conn, source)
+    conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
+    try:
+        for table, _ in conn.exec_driver_sql(
+            f"SHOW FULL TABLES FROM {quoted} WHERE Table_type = 'BASE TABLE'"
+        ).all():
+            create = conn.exec_driver_sql(
+                f"SHOW CREATE TABLE {quoted}.{_quote(conn, table)}"
+            ).one()[1]
+            conn.exec_driver_sql(create)
+            conn.exec_driver_sql(
+                f"INSERT INTO {_quote(conn, table)} SELECT * FROM {quoted}.{_quote(conn, table)}"
+            )
+    finally:
+        conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
+
+
+@contextlib.contextmanager
+def _file_lock(url: URL) -> Iterator[None]:
+    """Serialize provisioning of one database between the processes of this machine.
+
+    pytest-xdist workers run on one machine; a file lock in the temporary directory needs no
+    connection and works the same for every backend and driver.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; workers may then build the template twice
+        yield
+        return
+    key = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"pytest-alchemy-{key}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _drop(url: URL, server: _Server | None) -> None:
@@ -262,7 +433,21 @@ def release(database: ProvisionedDatabase) -> None:
     if MARKER_TABLE not in _tables(url):
         return  # someone removed our marker: not ours to drop any more
     if database.created:
-        sqlite = url.get_backend_name() == "sqlite"
-        _drop(url, None if sqlite else _Server(url))
-    else:
-        run_with_connection(url, lambda c: _marker.drop(c), autocommit=False)
+        _drop(url, _server(url))
+        return
+
+    def empty(conn: Connection) -> None:
+        if database.recipe is not None:
+            database.recipe.empty(conn)
+        _marker.drop(conn)
+
+    run_with_connection(url, empty, autocommit=False)
+
+
+def release_template(template: URL, run_id: str) -> None:
+    """Drop the template if this run built it (it has our marker with this run's id)."""
+    server = _server(template)
+    if not _exists(template, server) or MARKER_TABLE not in _tables(template):
+        return
+    if any(run == run_id for run, _ in _markers(template)):
+        _drop(template, server)

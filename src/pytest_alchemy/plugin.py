@@ -7,6 +7,7 @@ until a test requests a database fixture.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -71,6 +72,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Name of the test database (default: 'test_' + the database named in the URL).",
     )
     parser.addini(
+        _config.SEED_INI,
+        default="",
+        help="Import path 'module:function' called once per run with a Connection, after the "
+        "schema is built, to insert rows every test sees.",
+    )
+    parser.addini(
         _config.METADATA_INI,
         type="linelist",
         default=[],
@@ -80,8 +87,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_SETTINGS] = _config.resolve(config)
+    settings = config.stash[_SETTINGS] = _config.resolve(config)
     config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
+    if config.pluginmanager.has_plugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_XdistController(settings.run_id), "alchemy-xdist")
+
+
+class _XdistController:
+    """pytest-xdist hooks of the controller: one run id for all workers, templates dropped last.
+
+    Each worker builds the run's template at most once (they take turns), clones its own
+    database from it, and reports the template here; the controller drops it once every worker
+    is done, so no worker drops it under another.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.templates: set[str] = set()
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[_config.RUN_ID_KEY] = self.run_id
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        output = getattr(node, "workeroutput", {})
+        self.templates.update(output.get(_TEMPLATES_KEY, ()))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from sqlalchemy.engine import make_url
+
+        from pytest_alchemy import databases
+
+        for template in sorted(self.templates):
+            databases.release_template(make_url(template), self.run_id)
+
+
+_TEMPLATES_KEY = "alchemy_templates"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -100,11 +140,40 @@ def _fail(exc: AlchemyError) -> NoReturn:
 def _alchemy_target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Target]:
-    target = Target(request.config.stash[_SETTINGS], lambda: tmp_path_factory.mktemp("alchemy"))
+    config = request.config
+    target = Target(
+        config.stash[_SETTINGS],
+        lambda: tmp_path_factory.mktemp("alchemy"),
+        functools.partial(_report, config),
+    )
     yield target
     problems = target.close()
+    templates = [t.render_as_string(hide_password=False) for t in target.templates]
+    if hasattr(config, "workerinput"):  # the controller drops templates after every worker
+        config.workeroutput[_TEMPLATES_KEY] = templates  # type: ignore[attr-defined]
+    else:
+        problems += _release_templates(target)
     if problems:
         pytest.fail("pytest-alchemy: " + "; ".join(problems), pytrace=False)
+
+
+def _report(config: pytest.Config, line: str) -> None:
+    """One progress line on the terminal (building a template can take a while)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"alchemy: {line}")
+
+
+def _release_templates(target: Target) -> list[str]:
+    from pytest_alchemy import databases
+
+    problems = []
+    for template in target.templates:
+        try:
+            databases.release_template(template, target.settings.run_id)
+        except Exception as exc:
+            problems.append(f"dropping the template {_config.mask(template)} failed: {exc}")
+    return problems
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,13 @@ same short message instead of retrying the connection.
 
 from __future__ import annotations
 
-import uuid
+import functools
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import NoSuchModuleError
+from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 
 from pytest_alchemy import databases, dialects, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
@@ -24,6 +24,7 @@ from pytest_alchemy.errors import (
     AlchemyError,
     DatabaseUnavailableError,
     DriverMissingError,
+    ProvisioningError,
 )
 from pytest_alchemy.sandbox import ConnectionKeeper
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from sqlalchemy import MetaData
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,18 +46,26 @@ def _first_line(exc: BaseException) -> str:
 class Target:
     """The configured test database: URLs, engines, kept connections and the built schema."""
 
-    def __init__(self, settings: Settings, tmp_dir: Callable[[], Path]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tmp_dir: Callable[[], Path],
+        report: Callable[[str], None] = lambda line: None,
+    ) -> None:
         self.settings = settings
         self._tmp_dir = tmp_dir
+        self._report = report
         self._urls: tuple[URL, URL] | None = None
-        self._metadata: list[MetaData] | None = None
-        self._built: dict[str, tuple[schema.BuiltSchema, Callable[[schema.BuiltSchema], None]]] = {}
+        # Databases filled by the plugin without provisioning (the default file), and how to
+        # empty each at the end.
+        self._filled: dict[str, Callable[[], None]] = {}
+        #: Templates this run may have built (for the xdist controller to drop at the end).
+        self.templates: set[URL] = set()
         self._engine: Engine | None = None
         self._keeper: ConnectionKeeper | None = None
         self._sync_failure: AlchemyError | None = None
         self._async_failure: AlchemyError | None = None
         self._databases: dict[str, databases.ProvisionedDatabase] = {}
-        self._run_id = uuid.uuid4().hex
         self.loops = LoopEngines(self._new_async_engine)
 
     # -- URLs -------------------------------------------------------------------------------
@@ -79,13 +87,32 @@ class Target:
             self._urls = (sync_url, async_url)
         return self._urls
 
-    def _provision(self, url: URL) -> None:
-        """Create the test database behind ``url`` once per run (not the default file)."""
+    def _naming(self, *, template: bool = False) -> databases.Naming:
+        s = self.settings
+        return databases.Naming(s.test_database, s.database_suffix, s.worker, template)
+
+    def _provision(self, url: URL) -> bool:
+        """Create the test database behind ``url`` once per run; True if it was filled.
+
+        The default file in pytest's temporary directory and in-memory databases are not
+        provisioned (returns False): the caller fills them directly.
+        """
         if self.settings.url.url is None or dialects.is_memory(url):
-            return
+            return False
         key = self._schema_key(url, None)
         if key not in self._databases:
-            self._databases[key] = databases.provision(url, self._run_id)
+            recipe = self._recipe
+            template = None
+            if recipe is not None:
+                base = self.settings.url.url
+                template = databases.derive_test_url(
+                    base.set(drivername=url.drivername), self._naming(template=True)
+                )
+                self.templates.add(template)
+            self._databases[key] = databases.provision(
+                url, self.settings.run_id, recipe=recipe, template=template, report=self._report
+            )
+        return True
 
     def _origin(self, url: URL, setting: Setting) -> str:
         given = setting.url
@@ -119,6 +146,11 @@ class Target:
         message = _first_line(exc)
         if url.password:
             message = message.replace(str(url.password), "***")
+        if not isinstance(exc, (OperationalError, InterfaceError, OSError, TimeoutError)):
+            return ProvisioningError(
+                f"Preparing the test database {mask(url)} ({origin}) failed: "
+                f"{type(exc).__name__}: {message}"
+            )
         return DatabaseUnavailableError(
             f"Cannot connect to the test database {mask(url)} ({origin}): {message}. Start the "
             f"server, or point {option.cli} / {option.env} / {option.ini} at a reachable database."
@@ -126,20 +158,17 @@ class Target:
 
     # -- schema -------------------------------------------------------------------------------
 
-    def _metadatas(self) -> list[MetaData]:
-        if self._metadata is None:
-            self._metadata = schema.load_metadata(self.settings.metadata)
-        return self._metadata
+    @functools.cached_property
+    def _recipe(self) -> databases.Recipe | None:
+        """What fills a new test database, from alchemy_metadata and alchemy_seed (imported now)."""
+        metadatas = schema.load_metadata(self.settings.metadata)
+        seed = schema.load_seed(self.settings.seed)
+        return schema.recipe(metadatas, seed, self.settings)
 
     def _schema_key(self, url: URL, engine: object) -> str:
         if dialects.is_memory(url):
             return f"memory:{id(engine)}"
         return url.set(drivername=url.get_backend_name(), password=None).render_as_string()
-
-    def _remember(
-        self, key: str, built: schema.BuiltSchema, drop: Callable[[schema.BuiltSchema], None]
-    ) -> None:
-        self._built[key] = (built, drop)
 
     # -- sync ---------------------------------------------------------------------------------
 
@@ -150,20 +179,20 @@ class Target:
         if self._engine is not None:
             return self._engine
         url = self.urls[0]
-        metadatas = self._metadatas()
+        recipe = self._recipe
         engine: Engine | None = None
         try:
-            self._provision(url)
+            filled = self._provision(url)
             url, options = dialects.engine_options(url)
             engine = create_engine(url, **options)
             dialects.prepare_engine(engine)
             keeper = ConnectionKeeper(engine)
             keeper.acquire()
             key = self._schema_key(url, engine)
-            if metadatas and key not in self._built:
-                with engine.begin() as conn:
-                    built = schema.build(conn, metadatas, mask(url))
-                self._remember(key, built, lambda b: _run_sync(engine, b.drop))
+            if recipe is not None and not filled and key not in self._filled:
+                _run_sync(engine, recipe.fill)
+                self._report(f"built {recipe.describe} into {mask(url)}")
+                self._filled[key] = functools.partial(_run_sync, engine, recipe.empty)
         except Exception as exc:
             if engine is not None:
                 engine.dispose()
@@ -193,21 +222,20 @@ class Target:
     async def _new_async_engine(self) -> AsyncEngine:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        metadatas = self._metadatas()
-        self._provision(self.urls[1])  # blocks the loop once, while the database is created
+        recipe = self._recipe
+        filled = self._provision(self.urls[1])  # blocks the loop once, to create the database
         url, options = dialects.engine_options(self.urls[1])
         engine = create_async_engine(url, **options)
         try:
             dialects.prepare_engine(engine.sync_engine)
             key = self._schema_key(url, engine)
-            if metadatas and key not in self._built:
+            if recipe is not None and not filled and key not in self._filled:
                 async with engine.begin() as conn:
-                    built = await conn.run_sync(schema.build, metadatas, mask(url))
+                    await conn.run_sync(recipe.fill)
+                self._report(f"built {recipe.describe} into {mask(url)}")
                 if not dialects.is_memory(url):
-                    self._remember(
-                        key,
-                        built,
-                        lambda b: databases.run_with_connection(url, b.drop, autocommit=False),
+                    self._filled[key] = functools.partial(
+                        databases.run_with_connection, url, recipe.empty, autocommit=False
                     )
             else:
                 async with engine.connect():
@@ -228,15 +256,12 @@ class Target:
             self.loops.close()
         except Exception as exc:
             problems.append(f"closing the async connections failed: {_first_line(exc)}")
-        for key, (built, drop) in self._built.items():
-            database = self._databases.get(key)
-            if database is not None and database.created:
-                continue  # the whole database goes below
+        for empty in self._filled.values():
             try:
-                drop(built)
+                empty()
             except Exception as exc:
                 problems.append(f"dropping the test tables failed: {_first_line(exc)}")
-        self._built.clear()
+        self._filled.clear()
         if self._engine is not None:
             self._engine.dispose()
         for database in self._databases.values():
