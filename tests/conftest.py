@@ -77,8 +77,22 @@ ASYNC_DRIVERS = [
 ]
 
 
+_SCRATCH = "alchemy_selftest_"
+
+
 def _scratch_name() -> str:
-    return f"alchemy_selftest_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    # The process id keeps concurrent runs of this suite (and xdist workers) apart.
+    return f"{_SCRATCH}{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unavailable(backend: str, exc: Exception) -> None:
@@ -118,13 +132,16 @@ def scratch_databases() -> Iterator[dict[str, str]]:
 
 
 def _drop_ours(conn: Connection, name: str) -> None:
-    """Drop the scratch database and every database a test derived from its name."""
+    """Drop the scratch database, the databases tests derived from its name, and those of
+    earlier runs of this suite whose process is gone."""
     if conn.dialect.name == "postgresql":
         query, force = "SELECT datname FROM pg_database", " WITH (FORCE)"
     else:
         query, force = "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA", ""
     for (found,) in conn.execute(text(query)).all():
-        if name in found:
+        digits = found.partition(_SCRATCH)[2].split("_")[0]
+        stale = digits.isdigit() and not _alive(int(digits))
+        if name in found or stale:
             conn.execute(text(f"DROP DATABASE IF EXISTS {found}{force}"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import (
+    MODELS,
     Driver,
     Project,
     admin,
@@ -307,3 +308,31 @@ def test_fingerprint_follows_the_schema_and_the_seed() -> None:
 
 def seed_stand_in(connection: object) -> None:
     """Stands in for a seed function in the fingerprint test above."""
+
+
+def test_reuse_skips_the_build_until_the_schema_changes(seeded_project: Project) -> None:
+    project = seeded_project
+    project.run("--alchemy-reuse").assert_outcomes(passed=4)
+    assert seed_calls(project) == 1
+    again = project.run("--alchemy-reuse")
+    again.assert_outcomes(passed=4)
+    again.stdout.fnmatch_lines(["alchemy: reusing * (schema unchanged)"])
+    assert seed_calls(project) == 1
+
+    workers = ("-p", "no:cacheprovider", "-n", "2", "--alchemy-reuse")
+    project.pytester.runpytest_subprocess(*workers).assert_outcomes(passed=4)
+    assert seed_calls(project) == 1  # the kept template was cloned, not rebuilt
+
+    project.pytester.makepyfile(models=MODELS.replace("String(50)", "String(60)"))
+    project.run("--alchemy-reuse").assert_outcomes(passed=4)
+    assert seed_calls(project) == 2  # the schema changed: rebuilt
+    project.run("--alchemy-reuse", "--alchemy-recreate").assert_outcomes(passed=4)
+    assert seed_calls(project) == 3
+
+    # Without reuse, what was kept is replaced and dropped at the end.
+    project.run().assert_outcomes(passed=4)
+    project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(
+        passed=4
+    )
+    assert project.leftover_tables() == []
+    assert not template_left(project)

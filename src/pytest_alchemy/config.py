@@ -45,6 +45,7 @@ ASYNC_URL_OPTION = Option("--alchemy-async-url", "PYTEST_ALCHEMY_ASYNC_URL", "al
 METADATA_INI = "alchemy_metadata"
 TEST_DATABASE_INI = "alchemy_test_database"
 SEED_INI = "alchemy_seed"
+REUSE_INI = "alchemy_reuse"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -81,6 +82,8 @@ class Settings:
     database_suffix: str | None = None
     worker: str | None = None  # pytest-xdist worker id
     seed: str | None = None
+    reuse: bool = False
+    recreate: bool = False
     run_id: str = ""  # shared by the xdist controller with its workers
 
 
@@ -140,8 +143,14 @@ def resolve(config: pytest.Config) -> Settings:
         suffix,
         workerinput.get("workerid"),
         seeds[0] if seeds else None,
+        _flag(config.getoption("alchemy_reuse"), config.getini(REUSE_INI)),
+        bool(config.getoption("alchemy_recreate")),
         workerinput.get(RUN_ID_KEY) or uuid.uuid4().hex,
     )
+
+
+def _flag(cli: bool | None, ini: bool) -> bool:
+    return bool(ini) if cli is None else cli
 
 
 def _name_part(key: str, value: str | None) -> str | None:

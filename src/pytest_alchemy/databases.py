@@ -28,7 +28,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, create_engine, inspect
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    inspect,
+    select,
+)
 from sqlalchemy import text as sql
 from sqlalchemy.pool import NullPool
 
@@ -154,6 +164,7 @@ class ProvisionedDatabase:
     created: bool  # this run created it: drop the whole database at the end
     adopted: bool  # it existed, empty: drop only the marker (and the tables we built)
     recipe: Recipe | None = None
+    kept: bool = False  # reused, or made to be reused: left in place at the end
 
 
 class _Server:
@@ -241,25 +252,37 @@ def provision(
     recipe: Recipe | None = None,
     template: URL | None = None,
     report: Callable[[str], None] = lambda line: None,
+    reuse: bool = False,
+    recreate: bool = False,
 ) -> ProvisionedDatabase:
     """Create (or adopt, if empty) the test database ``target`` and mark it.
 
     With a recipe the database is filled once per run: into ``template``, built if this run
     has not built it yet, then cloned for each worker. Workers take turns through a lock, so
     the template is built by the first and only cloned by the others.
+
+    With ``reuse``, a database (or template) of ours whose recorded fingerprint matches the
+    recipe's is used as it is, and kept at the end; one that does not match is rebuilt.
+    ``recreate`` rebuilds in any case (and, with ``reuse``, keeps the result).
     """
     if dialects.is_memory(target):
         return ProvisionedDatabase(target, created=False, adopted=False)
     server = _server(target)
+    fingerprint = recipe.fingerprint if recipe is not None else None
     with _file_lock(template or target):
-        if _claim(target, server) == "adopt":
+        trust = reuse and not recreate
+        state = _claim(target, server, fingerprint if trust else _NO_REUSE)
+        if state == "reuse":
+            report(f"reusing {mask(target)} (schema unchanged)")
+            return ProvisionedDatabase(target, created=False, adopted=False, kept=True)
+        if state == "adopt":
             if recipe is not None:
                 _fill(target, recipe, run_id, report)
             else:
                 _mark(target, run_id, None)
             return ProvisionedDatabase(target, created=False, adopted=True, recipe=recipe)
         if recipe is not None and template is not None:
-            _ensure_template(template, recipe, run_id, report)
+            _ensure_template(template, recipe, run_id, report, reuse=trust)
         try:
             if recipe is None or template is None:
                 _create(target, server)
@@ -270,7 +293,7 @@ def provision(
         except BaseException:
             _drop_quietly(target, server)  # half made by us: leave nothing behind
             raise
-    return ProvisionedDatabase(target, created=True, adopted=False)
+    return ProvisionedDatabase(target, created=True, adopted=False, kept=reuse)
 
 
 def _drop_quietly(url: URL, server: _Server | None) -> None:
@@ -302,13 +325,23 @@ def _refuse(url: URL, tables: list[str]) -> None:
     )
 
 
-def _claim(url: URL, server: _Server | None) -> str:
-    """Make room for a database of ours at ``url``: ``"absent"`` or ``"adopt"`` (empty)."""
+_NO_REUSE = "no reuse"  # a fingerprint no database carries
+
+
+def _claim(url: URL, server: _Server | None, reusable: str | None) -> str:
+    """Make room for a database of ours at ``url``.
+
+    Returns ``"absent"`` (create it), ``"adopt"`` (it exists, empty, not ours) or ``"reuse"``
+    (ours, and its last recorded fingerprint is ``reusable``).
+    """
     if not _exists(url, server):
         return "absent"
     tables = _tables(url)
     if MARKER_TABLE in tables:
-        _drop(url, server)  # left by an earlier run of ours that did not clean up
+        markers = _markers(url)
+        if markers and markers[-1][1] == reusable:
+            return "reuse"
+        _drop(url, server)  # an earlier run's, left behind or built from another schema
         return "absent"
     if tables:
         _refuse(url, tables)
@@ -317,21 +350,26 @@ def _claim(url: URL, server: _Server | None) -> str:
 
 def _markers(url: URL) -> list[tuple[str, str | None]]:
     def read(conn: Connection) -> list[tuple[str, str | None]]:
-        rows = conn.execute(_marker.select().order_by(_marker.c.id)).all()
-        return [(row.run_id, row.fingerprint) for row in rows]
+        # Whatever columns the marker has (an older release may have written fewer).
+        rows = conn.execute(select(sql("*")).select_from(_marker)).mappings().all()
+        rows = sorted(rows, key=lambda row: row.get("id") or 0)
+        return [(str(row.get("run_id")), row.get("fingerprint")) for row in rows]
 
     return run_with_connection(url, read, autocommit=True)
 
 
 def _ensure_template(
-    template: URL, recipe: Recipe, run_id: str, report: Callable[[str], None]
+    template: URL, recipe: Recipe, run_id: str, report: Callable[[str], None], *, reuse: bool
 ) -> None:
-    """Build the template unless this run already did (with the same recipe)."""
+    """Build the template unless this run already did (or, reusing, an earlier run did)."""
     server = _server(template)
     if _exists(template, server):
         tables = _tables(template)
         if MARKER_TABLE in tables:
-            if (run_id, recipe.fingerprint) in _markers(template):
+            markers = _markers(template)
+            if (run_id, recipe.fingerprint) in markers:
+                return
+            if reuse and markers and markers[-1][1] == recipe.fingerprint:
                 return
             _drop(template, server)
         elif tables:
@@ -428,7 +466,7 @@ def _drop(url: URL, server: _Server | None) -> None:
 def release(database: ProvisionedDatabase) -> None:
     """At the end of the run: drop what this run created; never anything without our marker."""
     url = database.url
-    if not (database.created or database.adopted):
+    if database.kept or not (database.created or database.adopted):
         return
     if MARKER_TABLE not in _tables(url):
         return  # someone removed our marker: not ours to drop any more

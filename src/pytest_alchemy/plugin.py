@@ -66,6 +66,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"never collide (env {suffix.env}, ini {suffix.ini}).",
     )
     parser.addini(suffix.ini, help="Appended to the test database's name.", default="")
+    group.addoption(
+        "--alchemy-reuse",
+        dest="alchemy_reuse",
+        action="store_true",
+        default=None,
+        help="Keep the test databases after the run, and reuse them in the next run when the "
+        "schema fingerprint is unchanged (ini alchemy_reuse).",
+    )
+    group.addoption(
+        "--alchemy-recreate",
+        dest="alchemy_recreate",
+        action="store_true",
+        default=None,
+        help="Rebuild the test databases even when they could be reused.",
+    )
+    parser.addini(
+        _config.REUSE_INI, type="bool", default=False, help="Keep and reuse test databases."
+    )
     parser.addini(
         _config.TEST_DATABASE_INI,
         default="",
@@ -113,6 +131,8 @@ class _XdistController:
         self.templates.update(output.get(_TEMPLATES_KEY, ()))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if session.config.stash[_SETTINGS].reuse:
+            return
         from sqlalchemy.engine import make_url
 
         from pytest_alchemy import databases
@@ -151,7 +171,7 @@ def _alchemy_target(
     templates = [t.render_as_string(hide_password=False) for t in target.templates]
     if hasattr(config, "workerinput"):  # the controller drops templates after every worker
         config.workeroutput[_TEMPLATES_KEY] = templates  # type: ignore[attr-defined]
-    else:
+    elif not target.settings.reuse:
         problems += _release_templates(target)
     if problems:
         pytest.fail("pytest-alchemy: " + "; ".join(problems), pytrace=False)

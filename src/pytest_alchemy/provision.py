@@ -109,8 +109,15 @@ class Target:
                     base.set(drivername=url.drivername), self._naming(template=True)
                 )
                 self.templates.add(template)
+            s = self.settings
             self._databases[key] = databases.provision(
-                url, self.settings.run_id, recipe=recipe, template=template, report=self._report
+                url,
+                s.run_id,
+                recipe=recipe,
+                template=template,
+                report=self._report,
+                reuse=s.reuse,
+                recreate=s.recreate,
             )
         return True
 
