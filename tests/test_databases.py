@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 from conftest import (
     MODELS,
@@ -104,7 +109,9 @@ def test_suffix_and_name_settings(project: Project) -> None:
     assert project.leftover_tables() == []
 
 
-def _create_foreign(url_text: str, name: str, *, marker: bool, table: bool) -> None:
+def _create_foreign(
+    url_text: str, name: str, *, marker: bool, table: bool, pid: int | None = None
+) -> None:
     """Make a database the plugin will find under its test database's name."""
     from sqlalchemy.engine import make_url
 
@@ -123,7 +130,17 @@ def _create_foreign(url_text: str, name: str, *, marker: bool, table: bool) -> N
             conn.execute(text("CREATE TABLE precious (id INTEGER PRIMARY KEY)"))
             conn.execute(text("INSERT INTO precious VALUES (42)"))
         if marker:
-            conn.execute(text("CREATE TABLE pytest_alchemy_marker (run_id VARCHAR(32))"))
+            conn.execute(
+                text(
+                    "CREATE TABLE pytest_alchemy_marker "
+                    "(run_id VARCHAR(32), host VARCHAR(255), pid INTEGER)"
+                )
+            )
+        if pid is not None:
+            conn.execute(
+                text("INSERT INTO pytest_alchemy_marker VALUES ('earlier', :host, :pid)"),
+                {"host": socket.gethostname(), "pid": pid},
+            )
     engine.dispose()
 
 
@@ -336,3 +353,31 @@ def test_reuse_skips_the_build_until_the_schema_changes(seeded_project: Project)
     )
     assert project.leftover_tables() == []
     assert not template_left(project)
+
+
+def test_databases_left_by_dead_runs_are_swept_and_nothing_else(project: Project) -> None:
+    url, name = _foreign_name(project)
+    stem, dot, ext = name.partition(".")
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(finished.stdout)
+    dead, alive, foreign = (f"{stem}_{part}{dot}{ext}" for part in ("gw7", "gw8", "gw9"))
+    _create_foreign(url, dead, marker=True, table=True, pid=dead_pid)
+    _create_foreign(url, alive, marker=True, table=True, pid=os.getpid())
+    _create_foreign(url, foreign, marker=False, table=True)
+    sync_url = project.sync_url()
+    assert sync_url is not None
+    try:
+        result = project.run()
+        result.assert_outcomes(passed=4)
+        result.stdout.fnmatch_lines(["alchemy: dropped *_gw7*, left by a run that is gone"])
+        assert not database_exists(sync_url, dead)
+        assert database_exists(sync_url, alive)  # its process is still running
+        assert database_exists(sync_url, foreign)  # no marker: never ours
+    finally:
+        for name in (dead, alive, foreign):
+            _drop_foreign(url, name)

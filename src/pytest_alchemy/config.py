@@ -6,6 +6,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -46,6 +47,7 @@ METADATA_INI = "alchemy_metadata"
 TEST_DATABASE_INI = "alchemy_test_database"
 SEED_INI = "alchemy_seed"
 REUSE_INI = "alchemy_reuse"
+ALEMBIC_INI = "alchemy_alembic"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -82,6 +84,7 @@ class Settings:
     database_suffix: str | None = None
     worker: str | None = None  # pytest-xdist worker id
     seed: str | None = None
+    alembic: str | None = None  # absolute path of alembic.ini
     reuse: bool = False
     recreate: bool = False
     run_id: str = ""  # shared by the xdist controller with its workers
@@ -143,10 +146,24 @@ def resolve(config: pytest.Config) -> Settings:
         suffix,
         workerinput.get("workerid"),
         seeds[0] if seeds else None,
+        _alembic_ini(config),
         _flag(config.getoption("alchemy_reuse"), config.getini(REUSE_INI)),
         bool(config.getoption("alchemy_recreate")),
         workerinput.get(RUN_ID_KEY) or uuid.uuid4().hex,
     )
+
+
+def _alembic_ini(config: pytest.Config) -> str | None:
+    value = (config.getini(ALEMBIC_INI) or "").strip()
+    if not value:
+        return None
+    path = Path(value) if Path(value).is_absolute() else config.rootpath / value
+    if not path.is_file():
+        raise pytest.UsageError(
+            f"{ALEMBIC_INI} = {value!r}: no such file ({path}). Give the path of alembic.ini, "
+            f"absolute or relative to the rootdir {config.rootpath}."
+        )
+    return str(path)
 
 
 def _flag(cli: bool | None, ini: bool) -> bool:

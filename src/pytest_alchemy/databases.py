@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import socket
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -199,6 +200,13 @@ class _Server:
             query = "SELECT 1 FROM pg_database WHERE datname = :name"
         return bool(self.run(lambda c: c.execute(sql(query), {"name": name}).first()))
 
+    def names(self) -> list[str]:
+        if self.family == "mysql":
+            query = "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA"
+        else:
+            query = "SELECT datname FROM pg_database"
+        return [str(n) for n in self.run(lambda c: c.execute(sql(query)).scalars().all())]
+
     def create(self, name: str) -> None:
         self.run(lambda c: c.exec_driver_sql(f"CREATE DATABASE {_quote(c, name)}"))
 
@@ -243,6 +251,20 @@ class Recipe:
     empty: Callable[[Connection], None]  # undo fill (for a database we adopted, not created)
     fingerprint: str
     describe: str  # for the progress line: "the schema of myapp.models:Base (12 tables)"
+    #: Runs before ``fill`` with the database's URL, on connections of its own (Alembic).
+    migrate: Callable[[URL], None] | None = None
+
+    def apply(self, url: URL, run_id: str | None = None) -> None:
+        """Fill the database at ``url``; with ``run_id``, mark it as ours in the same go."""
+        if self.migrate is not None:
+            self.migrate(url)
+
+        def fill(conn: Connection) -> None:
+            self.fill(conn)
+            if run_id is not None:
+                _write_marker(conn, run_id, self.fingerprint)
+
+        run_with_connection(url, fill, autocommit=False)
 
 
 def provision(
@@ -348,14 +370,82 @@ def _claim(url: URL, server: _Server | None, reusable: str | None) -> str:
     return "adopt"
 
 
-def _markers(url: URL) -> list[tuple[str, str | None]]:
-    def read(conn: Connection) -> list[tuple[str, str | None]]:
+def _marker_rows(url: URL) -> list[dict[str, Any]]:
+    def read(conn: Connection) -> list[dict[str, Any]]:
         # Whatever columns the marker has (an older release may have written fewer).
         rows = conn.execute(select(sql("*")).select_from(_marker)).mappings().all()
-        rows = sorted(rows, key=lambda row: row.get("id") or 0)
-        return [(str(row.get("run_id")), row.get("fingerprint")) for row in rows]
+        return sorted((dict(row) for row in rows), key=lambda row: row.get("id") or 0)
 
     return run_with_connection(url, read, autocommit=True)
+
+
+def _markers(url: URL) -> list[tuple[str, str | None]]:
+    return [(str(row.get("run_id")), row.get("fingerprint")) for row in _marker_rows(url)]
+
+
+#: A database of ours whose run is gone but was not on this host counts as stale after this.
+STALE_AFTER = timedelta(days=2)
+
+
+def _stale(rows: list[dict[str, Any]], run_id: str) -> bool:
+    """Whether the run that made a database of ours is over (it crashed or was killed)."""
+    if not rows or any(row.get("run_id") == run_id for row in rows):
+        return False
+    last = rows[-1]
+    if last.get("host") == socket.gethostname()[:255] and isinstance(last.get("pid"), int):
+        return not _alive(last["pid"])
+    created = last.get("created_at")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)  # as written by _write_marker
+    return isinstance(created, datetime) and now - created > STALE_AFTER
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def sweep(base: URL, naming: Naming, run_id: str) -> list[URL]:
+    """Drop the databases of earlier, dead runs that carry our marker and a name we derive.
+
+    ``base`` is the configured URL. Only names this plugin derives from it are looked at
+    (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``), and only those with the
+    marker are dropped, when the run that made them is gone: its process no longer exists on
+    this host, or, made on another host, it is older than :data:`STALE_AFTER`. Returns what
+    was dropped.
+    """
+    if dialects.is_memory(base):
+        return []
+    family = Naming(naming.name, naming.suffix)
+    server = _server(base)
+    if server is None:
+        path = Path(base.database or "")
+        ext = "".join(path.suffixes)
+        stem = family.derive(path.name[: len(path.name) - len(ext)] if ext else path.name)
+        pattern = re.compile(rf"^{re.escape(stem)}(_gw\d+|_template)?{re.escape(ext)}$")
+        folder = path.parent
+        names = (
+            [str(p) for p in folder.iterdir() if pattern.match(p.name)] if folder.is_dir() else []
+        )
+    else:
+        pattern = re.compile(
+            rf"^{re.escape(family.derive(base.database or ''))}(_gw\d+|_template)?$"
+        )
+        names = [n for n in server.names() if pattern.match(n)]
+    dropped = []
+    for name in names:
+        url = base.set(database=name)
+        try:
+            if MARKER_TABLE in _tables(url) and _stale(_marker_rows(url), run_id):
+                _drop(url, server)
+                dropped.append(url)
+        except Exception:  # gone meanwhile (another worker swept it), or not ours to read
+            continue
+    return dropped
 
 
 def _ensure_template(
@@ -387,12 +477,7 @@ def _ensure_template(
 
 def _fill(url: URL, recipe: Recipe, run_id: str, report: Callable[[str], None]) -> None:
     started = time.perf_counter()
-
-    def fill(conn: Connection) -> None:
-        recipe.fill(conn)
-        _write_marker(conn, run_id, recipe.fingerprint)
-
-    run_with_connection(url, fill, autocommit=False)
+    recipe.apply(url, run_id)
     report(f"built {recipe.describe} into {mask(url)} in {time.perf_counter() - started:.2f}s")
 
 

@@ -90,6 +90,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Name of the test database (default: 'test_' + the database named in the URL).",
     )
     parser.addini(
+        _config.ALEMBIC_INI,
+        default="",
+        help="Path of an alembic.ini whose 'upgrade head' builds the schema once per run.",
+    )
+    parser.addini(
         _config.SEED_INI,
         default="",
         help="Import path 'module:function' called once per run with a Connection, after the "

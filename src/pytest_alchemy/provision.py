@@ -66,6 +66,7 @@ class Target:
         self._sync_failure: AlchemyError | None = None
         self._async_failure: AlchemyError | None = None
         self._databases: dict[str, databases.ProvisionedDatabase] = {}
+        self._swept = False  # databases of dead earlier runs are dropped once per run
         self.loops = LoopEngines(self._new_async_engine)
 
     # -- URLs -------------------------------------------------------------------------------
@@ -100,6 +101,11 @@ class Target:
         if self.settings.url.url is None or dialects.is_memory(url):
             return False
         key = self._schema_key(url, None)
+        if not self._swept and not self.settings.reuse:
+            self._swept = True
+            base = self.settings.url.url.set(drivername=url.drivername)
+            for dropped in databases.sweep(base, self._naming(), self.settings.run_id):
+                self._report(f"dropped {mask(dropped)}, left by a run that is gone")
         if key not in self._databases:
             recipe = self._recipe
             template = None
@@ -197,6 +203,8 @@ class Target:
             keeper.acquire()
             key = self._schema_key(url, engine)
             if recipe is not None and not filled and key not in self._filled:
+                if recipe.migrate is not None:
+                    recipe.migrate(url)
                 _run_sync(engine, recipe.fill)
                 self._report(f"built {recipe.describe} into {mask(url)}")
                 self._filled[key] = functools.partial(_run_sync, engine, recipe.empty)
@@ -237,6 +245,8 @@ class Target:
             dialects.prepare_engine(engine.sync_engine)
             key = self._schema_key(url, engine)
             if recipe is not None and not filled and key not in self._filled:
+                if recipe.migrate is not None:
+                    recipe.migrate(url)  # blocks the loop while the migrations run
                 async with engine.begin() as conn:
                     await conn.run_sync(recipe.fill)
                 self._report(f"built {recipe.describe} into {mask(url)}")

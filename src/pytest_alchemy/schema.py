@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect as inspect_module
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -12,14 +15,15 @@ from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import default
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from pytest_alchemy.config import METADATA_INI, SEED_INI, Settings, mask
+from pytest_alchemy import dialects
+from pytest_alchemy.config import ALEMBIC_INI, METADATA_INI, SEED_INI, Settings, mask
 from pytest_alchemy.databases import Recipe
 from pytest_alchemy.errors import SchemaConflictError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import URL, Connection
 
 
 def load_object(key: str, path: str, expected: str) -> object:
@@ -98,30 +102,92 @@ def load_seed(path: str | None) -> Callable[[Connection], object] | None:
 def recipe(
     metadatas: list[MetaData], seed: Callable[[Connection], object] | None, settings: Settings
 ) -> Recipe | None:
-    """How to fill a new test database from ``alchemy_metadata`` and ``alchemy_seed``."""
-    if not metadatas and seed is None:
+    """How to fill a new test database from alchemy_metadata / alchemy_alembic and alchemy_seed."""
+    if settings.alembic and metadatas:
+        raise pytest.UsageError(
+            f"Both {METADATA_INI} and {ALEMBIC_INI} are set: choose one way to build the schema "
+            f"(Alembic migrations usually create the tables the metadata describes)."
+        )
+    if not metadatas and seed is None and not settings.alembic:
         return None
 
     def fill(connection: Connection) -> None:
-        build(connection, metadatas, mask(connection.engine.url))
+        if metadatas:
+            build(connection, metadatas, mask(connection.engine.url))
         if seed is not None:
             seed(connection)
 
     def empty(connection: Connection) -> None:
+        if settings.alembic:  # what the migrations made: everything in this (adopted) database
+            reflected = MetaData()
+            reflected.reflect(connection)
+            reflected.drop_all(connection)
         for metadata in reversed(metadatas):
             metadata.drop_all(connection)
 
     parts = [f"the schema of {', '.join(settings.metadata)}"] if metadatas else []
+    migrate = None
+    if settings.alembic:
+        parts.append(f"the migrations of {settings.alembic} (upgrade head)")
+        migrate = functools.partial(_upgrade, settings.alembic, settings.url.url)
     if seed is not None:
         parts.append(f"the rows of {settings.seed}")
     tables = sum(len(md.tables) for md in metadatas)
     describe = " and ".join(parts) + (f" ({tables} tables)" if metadatas else "")
-    return Recipe(fill, empty, fingerprint(metadatas, seed), describe)
+    digest = fingerprint(metadatas, seed, settings.alembic)
+    return Recipe(fill, empty, digest, describe, migrate)
 
 
-def fingerprint(metadatas: list[MetaData], seed: Callable[..., object] | None) -> str:
-    """A digest of what the recipe builds: every table's DDL and the seed's module source."""
+def _upgrade(ini: str, configured: URL | None, url: URL) -> None:
+    """``alembic upgrade head`` on ``url``, which env.py reads from ``sqlalchemy.url``.
+
+    The URL keeps the driver of the configured alchemy_url, which is what the project's env.py
+    is written for (sync or async). It runs in a thread of its own without an event loop: an
+    async env.py calls asyncio.run().
+    """
+    if dialects.is_memory(url):
+        raise pytest.UsageError(
+            f"{ALEMBIC_INI} needs a database that outlives a connection; in-memory SQLite gives "
+            f"every connection its own. Use a SQLite file or a server in alchemy_url."
+        )
+    if configured is not None:
+        url = url.set(drivername=configured.drivername)
+    try:
+        from alembic import command
+        from alembic.config import Config
+    except ImportError:
+        raise pytest.UsageError(
+            f"{ALEMBIC_INI} = {ini!r} needs Alembic: pip install alembic"
+        ) from None
+    config = Config(ini)
+    config.set_main_option(
+        "sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%")
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            command.upgrade(config, "head")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="pytest-alchemy-alembic")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def fingerprint(
+    metadatas: list[MetaData], seed: Callable[..., object] | None, alembic: str | None = None
+) -> str:
+    """A digest of what the recipe builds: every table's DDL, the Alembic scripts (alembic.ini
+    and every file of its script location), and the seed's module source."""
     digest = hashlib.sha256()
+    if alembic is not None:
+        for path in _alembic_files(alembic):
+            digest.update(str(path).encode())
+            digest.update(path.read_bytes())
     dialect = default.DefaultDialect()
     for metadata in metadatas:
         for table in metadata.sorted_tables:
@@ -135,3 +201,16 @@ def fingerprint(metadatas: list[MetaData], seed: Callable[..., object] | None) -
         except (OSError, TypeError):
             digest.update(repr(seed).encode())
     return digest.hexdigest()
+
+
+def _alembic_files(ini: str) -> list[Path]:
+    """alembic.ini and the files of its script location, in a stable order."""
+    import configparser
+
+    ini_path = Path(ini)
+    parser = configparser.ConfigParser(defaults={"here": str(ini_path.parent)})  # as Alembic
+    parser.read(ini_path)
+    location = parser.get("alembic", "script_location", fallback="alembic")
+    folder = Path(location) if Path(location).is_absolute() else ini_path.parent / location
+    files = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return [ini_path, *sorted(files)]
