@@ -7,6 +7,7 @@ until a test requests a database fixture.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -143,7 +144,8 @@ class _XdistController:
         from pytest_alchemy import databases
 
         for template in sorted(self.templates):
-            databases.release_template(make_url(template), self.run_id)
+            with contextlib.suppress(Exception):  # a worker's throwaway server is gone already
+                databases.release_template(make_url(template), self.run_id)
 
 
 _TEMPLATES_KEY = "alchemy_templates"
@@ -185,7 +187,12 @@ def _alchemy_target(
 def _report(config: pytest.Config, line: str) -> None:
     """One progress line on the terminal (building a template can take a while)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    if reporter is None:
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    # Fixtures run with output captured; the line is for the person watching the run.
+    suspended = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+    with suspended:
         reporter.write_line(f"alchemy: {line}")
 
 

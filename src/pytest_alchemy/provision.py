@@ -17,7 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 
-from pytest_alchemy import databases, dialects, schema
+from pytest_alchemy import databases, dialects, ephemeral, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
 from pytest_alchemy.config import Setting, Settings, mask
 from pytest_alchemy.errors import (
@@ -66,22 +66,35 @@ class Target:
         self._sync_failure: AlchemyError | None = None
         self._async_failure: AlchemyError | None = None
         self._databases: dict[str, databases.ProvisionedDatabase] = {}
-        self._swept = False  # databases of dead earlier runs are dropped once per run
+        self._swept = False
+        self._server: ephemeral.EphemeralPostgres | None = (
+            None  # databases of dead earlier runs are dropped once per run
+        )
         self.loops = LoopEngines(self._new_async_engine)
 
     # -- URLs -------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def base(self) -> URL | None:
+        """The configured URL, with a throwaway server started if one was asked for."""
+        configured = self.settings.url.url
+        if ephemeral.wanted(configured):
+            assert configured is not None
+            self._server = ephemeral.EphemeralPostgres(self._report)
+            return self._server.start(configured.database)
+        return configured
 
     @property
     def urls(self) -> tuple[URL, URL]:
         """(sync URL, async URL), with the default SQLite file resolved."""
         if self._urls is None:
             s = self.settings
-            base = s.url.url
+            base = self.base
             if base is None:  # a file of our own in pytest's temporary directory, per worker
                 base = make_url(f"sqlite:///{self._tmp_dir() / 'alchemy.sqlite3'}")
             sync_url = dialects.sync_twin(base)
             async_url = s.async_url.url or dialects.async_twin(base)
-            if s.url.url is not None:
+            if self.base is not None:
                 naming = databases.Naming(s.test_database, s.database_suffix, s.worker)
                 sync_url = databases.derive_test_url(sync_url, naming)
                 async_url = databases.derive_test_url(async_url, naming)
@@ -98,19 +111,19 @@ class Target:
         The default file in pytest's temporary directory and in-memory databases are not
         provisioned (returns False): the caller fills them directly.
         """
-        if self.settings.url.url is None or dialects.is_memory(url):
+        if self.base is None or dialects.is_memory(url):
             return False
         key = self._schema_key(url, None)
         if not self._swept and not self.settings.reuse:
             self._swept = True
-            base = self.settings.url.url.set(drivername=url.drivername)
+            base = self.base.set(drivername=url.drivername)
             for dropped in databases.sweep(base, self._naming(), self.settings.run_id):
                 self._report(f"dropped {mask(dropped)}, left by a run that is gone")
         if key not in self._databases:
             recipe = self._recipe
             template = None
             if recipe is not None:
-                base = self.settings.url.url
+                base = self.base
                 template = databases.derive_test_url(
                     base.set(drivername=url.drivername), self._naming(template=True)
                 )
@@ -176,7 +189,7 @@ class Target:
         """What fills a new test database, from alchemy_metadata and alchemy_seed (imported now)."""
         metadatas = schema.load_metadata(self.settings.metadata)
         seed = schema.load_seed(self.settings.seed)
-        return schema.recipe(metadatas, seed, self.settings)
+        return schema.recipe(metadatas, seed, self.settings, self.base)
 
     def _schema_key(self, url: URL, engine: object) -> str:
         if dialects.is_memory(url):
@@ -289,6 +302,9 @@ class Target:
                     f"dropping the test database {mask(database.url)} failed: {_first_line(exc)}"
                 )
         self._databases.clear()
+        if self._server is not None:
+            self._server.stop()
+            self.templates.clear()  # they were on that server
         return problems
 
 

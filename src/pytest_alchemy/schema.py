@@ -100,7 +100,10 @@ def load_seed(path: str | None) -> Callable[[Connection], object] | None:
 
 
 def recipe(
-    metadatas: list[MetaData], seed: Callable[[Connection], object] | None, settings: Settings
+    metadatas: list[MetaData],
+    seed: Callable[[Connection], object] | None,
+    settings: Settings,
+    configured: URL | None = None,
 ) -> Recipe | None:
     """How to fill a new test database from alchemy_metadata / alchemy_alembic and alchemy_seed."""
     if settings.alembic and metadatas:
@@ -129,11 +132,12 @@ def recipe(
     migrate = None
     if settings.alembic:
         parts.append(f"the migrations of {settings.alembic} (upgrade head)")
-        migrate = functools.partial(_upgrade, settings.alembic, settings.url.url)
+        migrate = functools.partial(_upgrade, settings.alembic, configured)
     if seed is not None:
         parts.append(f"the rows of {settings.seed}")
     tables = sum(len(md.tables) for md in metadatas)
-    describe = " and ".join(parts) + (f" ({tables} tables)" if metadatas else "")
+    plural = "" if tables == 1 else "s"
+    describe = " and ".join(parts) + (f" ({tables} table{plural})" if metadatas else "")
     digest = fingerprint(metadatas, seed, settings.alembic)
     return Recipe(fill, empty, digest, describe, migrate)
 
