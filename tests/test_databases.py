@@ -381,3 +381,12 @@ def test_databases_left_by_dead_runs_are_swept_and_nothing_else(project: Project
     finally:
         for name in (dead, alive, foreign):
             _drop_foreign(url, name)
+
+
+def test_a_test_database_named_like_the_base_one_is_refused(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, "postgresql+psycopg://postgres@127.0.0.1:1/app")
+    project.ini("alchemy_test_database = app\n")
+    project.tests("def test_x(db_session):\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*alchemy_test_database = 'app' is the database named in*"])

@@ -99,7 +99,14 @@ def derive_test_url(url: URL, naming: Naming) -> URL:
             f"alchemy_url {mask(url)} names no database. Name the base database, for example "
             f"'.../myapp'; the tests then run on 'test_myapp', which the plugin creates."
         )
-    return url.set(database=naming.derive(url.database))
+    name = naming.derive(url.database)
+    if name == url.database:
+        raise ProvisioningError(
+            f"alchemy_test_database = {name!r} is the database named in alchemy_url itself. "
+            f"The plugin creates and drops its test database, so it must be another one: "
+            f"choose a different alchemy_test_database."
+        )
+    return url.set(database=name)
 
 
 def run_with_connection(url: URL, fn: Callable[[Connection], T], *, autocommit: bool) -> T:
