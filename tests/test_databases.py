@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import (
@@ -18,6 +19,9 @@ from conftest import (
     project_for,
 )
 from sqlalchemy import create_engine, inspect, text
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DRIVERS = [
     Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
@@ -390,3 +394,17 @@ def test_a_test_database_named_like_the_base_one_is_refused(pytester: pytest.Pyt
     result = project.run()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*alchemy_test_database = 'app' is the database named in*"])
+
+
+@pytest.mark.parametrize("driver", ["sqlite+pysqlite", "sqlite+aiosqlite"])
+def test_looking_at_a_vanished_sqlite_file_does_not_create_it(tmp_path: Path, driver: str) -> None:
+    # Another xdist worker may drop its file between our listing and our look (a real race:
+    # the look used to create an empty file that nobody removed).
+    from sqlalchemy.engine import make_url
+
+    from pytest_alchemy import databases
+
+    gone = tmp_path / "test_app_gw1.sqlite3"
+    with pytest.raises(Exception, match="unable to open database file"):
+        databases._tables(make_url(f"{driver}:///{gone}"))
+    assert not gone.exists()

@@ -229,8 +229,18 @@ def _quote(conn: Connection, name: str) -> str:
     return conn.dialect.identifier_preparer.quote_identifier(name)
 
 
+def _looking(url: URL) -> URL:
+    """``url`` for looking only: a SQLite file opened read-only, so that looking at a file
+    another process has just removed fails instead of creating it anew."""
+    if url.get_backend_name() != "sqlite" or dialects.is_memory(url):
+        return url
+    return url.set(database=f"file:{url.database}", query={"mode": "ro", "uri": "true"})
+
+
 def _tables(url: URL) -> list[str]:
-    return run_with_connection(url, lambda c: inspect(c).get_table_names(), autocommit=True)
+    return run_with_connection(
+        _looking(url), lambda c: inspect(c).get_table_names(), autocommit=True
+    )
 
 
 def _write_marker(conn: Connection, run_id: str, fingerprint: str | None) -> None:
@@ -383,7 +393,7 @@ def _marker_rows(url: URL) -> list[dict[str, Any]]:
         rows = conn.execute(select(sql("*")).select_from(_marker)).mappings().all()
         return sorted((dict(row) for row in rows), key=lambda row: row.get("id") or 0)
 
-    return run_with_connection(url, read, autocommit=True)
+    return run_with_connection(_looking(url), read, autocommit=True)
 
 
 def _markers(url: URL) -> list[tuple[str, str | None]]:
