@@ -231,10 +231,16 @@ def _quote(conn: Connection, name: str) -> str:
 
 def _looking(url: URL) -> URL:
     """``url`` for looking only: a SQLite file opened read-only, so that looking at a file
-    another process has just removed fails instead of creating it anew."""
+    another process has just removed fails instead of creating it anew. Through the standard
+    library's driver: a failed aiosqlite connect can leave its thread calling back into a loop
+    that is already closed."""
     if url.get_backend_name() != "sqlite" or dialects.is_memory(url):
         return url
-    return url.set(database=f"file:{url.database}", query={"mode": "ro", "uri": "true"})
+    return url.set(
+        drivername="sqlite+pysqlite",
+        database=f"file:{url.database}",
+        query={"mode": "ro", "uri": "true"},
+    )
 
 
 def _tables(url: URL) -> list[str]:
