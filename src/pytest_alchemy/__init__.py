@@ -10,7 +10,9 @@ from pytest_alchemy.errors import (
     ProvisioningError,
     SandboxBrokenError,
     SchemaConflictError,
+    UnsandboxedEngineError,
 )
+from pytest_alchemy.routing import route_engines
 
 __version__ = "0.1.0"
 
@@ -22,5 +24,7 @@ __all__ = [
     "ProvisioningError",
     "SandboxBrokenError",
     "SchemaConflictError",
+    "UnsandboxedEngineError",
     "__version__",
+    "route_engines",
 ]

@@ -157,6 +157,12 @@ async def open_sandbox(connection: AsyncConnection) -> AsyncSandbox:
     return sandbox
 
 
+def sandbox_of(connection: AsyncConnection) -> Sandbox | None:
+    """The sandbox running on ``connection``, if any."""
+    found = _sandboxes.get(connection)
+    return found.core if found is not None else None
+
+
 async def close_session_after(session: AsyncSession) -> None:
     """Close a session at teardown, rolling the sandbox back first (saves a round trip)."""
     bind = session.bind

@@ -48,6 +48,8 @@ TEST_DATABASE_INI = "alchemy_test_database"
 SEED_INI = "alchemy_seed"
 REUSE_INI = "alchemy_reuse"
 ALEMBIC_INI = "alchemy_alembic"
+ENGINES_INI = "alchemy_engines"
+BLOCK_INI = "alchemy_block_unsandboxed"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -88,6 +90,8 @@ class Settings:
     reuse: bool = False
     recreate: bool = False
     run_id: str = ""  # shared by the xdist controller with its workers
+    engines: tuple[str, ...] = ()  # the application's engines routed into every sandbox
+    block_unsandboxed: bool = False
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -150,6 +154,8 @@ def resolve(config: pytest.Config) -> Settings:
         _flag(config.getoption("alchemy_reuse"), config.getini(REUSE_INI)),
         bool(config.getoption("alchemy_recreate")),
         workerinput.get(RUN_ID_KEY) or uuid.uuid4().hex,
+        validate_import_paths(ENGINES_INI, config.getini(ENGINES_INI)),
+        bool(config.getini(BLOCK_INI)),
     )
 
 
@@ -198,4 +204,6 @@ def describe(settings: Settings) -> list[str]:
         )
     if settings.metadata:
         lines.append(f"alchemy: metadata={', '.join(settings.metadata)}")
+    if settings.engines:
+        lines.append(f"alchemy: engines={', '.join(settings.engines)}")
     return lines

@@ -14,6 +14,7 @@ __all__ = [
     "ProvisioningError",
     "SandboxBrokenError",
     "SchemaConflictError",
+    "UnsandboxedEngineError",
 ]
 
 
@@ -43,3 +44,7 @@ class SandboxBrokenError(AlchemyError):
 
 class EventLoopMismatchError(AlchemyError):
     """An async connection was used from an event loop other than the one it belongs to."""
+
+
+class UnsandboxedEngineError(AlchemyError):
+    """An application engine cannot join the test's sandbox, or reached its database around it."""

@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from pytest_alchemy import config as _config
-from pytest_alchemy.errors import AlchemyError, SandboxBrokenError
+from pytest_alchemy import routing
+from pytest_alchemy.errors import AlchemyError, SandboxBrokenError, UnsandboxedEngineError
 from pytest_alchemy.provision import Target
-from pytest_alchemy.sandbox import JOIN_MODE, Sandbox, cached_maker, close_session_after
+from pytest_alchemy.sandbox import (
+    JOIN_MODE,
+    Sandbox,
+    cached_maker,
+    close_session_after,
+    sandbox_of,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
 _SETTINGS = pytest.StashKey[_config.Settings]()
+_ROUTER = pytest.StashKey[routing.Router]()
+_TARGET = pytest.StashKey[Target]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -102,6 +111,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "schema is built, to insert rows every test sees.",
     )
     parser.addini(
+        _config.ENGINES_INI,
+        type="linelist",
+        default=[],
+        help="Import paths 'module:attr' of the application's engines, sessionmakers, "
+        "scoped sessions or Flask-SQLAlchemy db, routed into each test's sandbox.",
+    )
+    parser.addini(
+        _config.BLOCK_INI,
+        type="bool",
+        default=False,
+        help="Refuse, during a test, any connection to the test database through an engine "
+        "that is not routed into the sandbox.",
+    )
+    parser.addini(
         _config.METADATA_INI,
         type="linelist",
         default=[],
@@ -112,9 +135,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     settings = config.stash[_SETTINGS] = _config.resolve(config)
+    router = config.stash[_ROUTER] = routing.Router(settings.engines, settings.block_unsandboxed)
+    routing.push(router)
     config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
     if config.pluginmanager.has_plugin("xdist") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(_XdistController(settings.run_id), "alchemy-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    router = config.stash.get(_ROUTER, None)
+    if router is not None:
+        routing.pop(router)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    # Escapes are looked for while the test body runs: fixtures' set-up (provisioning, an
+    # Alembic upgrade) commits to the test database by design.
+    router = item.config.stash.get(_ROUTER, None)
+    target = item.config.stash.get(_TARGET, None)
+    watch = router.escapes if router is not None else None
+    if watch is not None and target is not None and target.known_urls:
+        watch.watch(target.known_urls)
+        watch.active = True
+    try:
+        return (yield)
+    finally:
+        if watch is not None:
+            watch.active = False
 
 
 class _XdistController:
@@ -168,12 +216,13 @@ def _alchemy_target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Target]:
     config = request.config
-    target = Target(
+    target = config.stash[_TARGET] = Target(
         config.stash[_SETTINGS],
         lambda: tmp_path_factory.mktemp("alchemy"),
         functools.partial(_report, config),
     )
     yield target
+    del config.stash[_TARGET]
     problems = target.close()
     templates = [t.render_as_string(hide_password=False) for t in target.templates]
     if hasattr(config, "workerinput"):  # the controller drops templates after every worker
@@ -258,6 +307,98 @@ def db_session(db_sessionmaker: sessionmaker[Session]) -> Iterator[Session]:
     session = db_sessionmaker()
     yield session
     close_session_after(session)
+
+
+# -- the application's engines ----------------------------------------------------------------
+
+
+def _is_async_test(request: pytest.FixtureRequest) -> bool:
+    return inspect.iscoroutinefunction(getattr(request.node, "obj", None))
+
+
+def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list[object]) -> None:
+    __tracebackhide__ = True
+    sync_sandbox: Sandbox | None = None
+    async_sandbox: Sandbox | None = None
+    for obj in objects:
+        for engine, is_async in routing.engines_of(obj):
+            if routes.routed(engine):
+                continue
+            if not is_async:
+                if sync_sandbox is None:
+                    sync_sandbox = _sandbox(sandbox_of(request.getfixturevalue("db_connection")))
+                routes.add(engine, sync_sandbox)
+            elif _is_async_test(request):
+                if async_sandbox is None:
+                    from pytest_alchemy import aio
+
+                    connection = request.getfixturevalue("async_db_connection")
+                    async_sandbox = _sandbox(aio.sandbox_of(connection), "async_")
+                routes.add(engine, async_sandbox)
+            else:
+                routes.refuse(engine, _async_in_sync_test(engine, request))
+
+
+def _sandbox(sandbox: Sandbox | None, prefix: str = "") -> Sandbox:
+    if sandbox is None:
+        raise UnsandboxedEngineError(
+            f"{prefix}db_connection is overridden with a connection that has no sandbox, so "
+            f"the application's engines have none to join. Override {prefix}db_engine instead."
+        )
+    return sandbox
+
+
+def _async_in_sync_test(engine: Engine, request: pytest.FixtureRequest) -> str:
+    return (
+        f"The AsyncEngine {_config.mask(engine.url)} was used in the sync test "
+        f"{request.node.name}. An async connection belongs to the event loop that opened it, "
+        f"and a sync test has no loop of its own (Starlette's TestClient runs the app on a "
+        f"loop in another thread), so the engine cannot join the test's sandbox. Write the "
+        f"test as `async def` and drive the app with "
+        f"httpx.AsyncClient(transport=httpx.ASGITransport(app=app)), on the test's loop."
+    )
+
+
+@pytest.fixture(autouse=True)
+def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
+    router = request.config.stash[_ROUTER]
+    routes = routing.Routes()
+    try:
+        if router.configured():
+            _route(request, routes, router.objects())
+        elif "db_route" in request.fixturenames and _is_async_test(request):
+            # db_route() runs inside the test, on its loop: too late to open the sandbox then.
+            request.getfixturevalue("async_db_connection")
+        yield routes
+    except AlchemyError as exc:
+        _fail(exc)
+    finally:
+        routes.stop()
+    escapes = router.escapes.take()
+    if escapes:
+        _fail(UnsandboxedEngineError(" ".join(escapes)))
+
+
+@pytest.fixture
+def db_route(
+    request: pytest.FixtureRequest, _alchemy_routes: routing.Routes
+) -> Callable[..., None]:
+    """Route engines made at run time into this test's sandbox, until the test ends.
+
+    ``db_route(app.state.engine)`` takes what ``alchemy_engines`` takes: an Engine, an
+    AsyncEngine, a ``sessionmaker``, ``async_sessionmaker``, ``scoped_session`` or a
+    Flask-SQLAlchemy extension. For every test, list them in ``alchemy_engines`` or call
+    ``pytest_alchemy.route_engines()``.
+    """
+
+    def route(*objects: object) -> None:
+        __tracebackhide__ = True
+        try:
+            _route(request, _alchemy_routes, list(objects))
+        except TypeError as exc:
+            raise TypeError(f"db_route(): {exc}") from None
+
+    return route
 
 
 # -- async fixtures ---------------------------------------------------------------------------

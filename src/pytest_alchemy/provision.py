@@ -26,6 +26,7 @@ from pytest_alchemy.errors import (
     DriverMissingError,
     ProvisioningError,
 )
+from pytest_alchemy.routing import OWN_ENGINES
 from pytest_alchemy.sandbox import ConnectionKeeper
 
 if TYPE_CHECKING:
@@ -100,6 +101,11 @@ class Target:
                 async_url = databases.derive_test_url(async_url, naming)
             self._urls = (sync_url, async_url)
         return self._urls
+
+    @property
+    def known_urls(self) -> tuple[URL, ...]:
+        """The test database's URLs, if a test has asked for them (they may start a server)."""
+        return self._urls or ()
 
     def _naming(self, *, template: bool = False) -> databases.Naming:
         s = self.settings
@@ -211,6 +217,7 @@ class Target:
             filled = self._provision(url)
             url, options = dialects.engine_options(url)
             engine = create_engine(url, **options)
+            OWN_ENGINES.add(engine)
             dialects.prepare_engine(engine)
             keeper = ConnectionKeeper(engine)
             keeper.acquire()
@@ -254,6 +261,7 @@ class Target:
         filled = self._provision(self.urls[1])  # blocks the loop once, to create the database
         url, options = dialects.engine_options(self.urls[1])
         engine = create_async_engine(url, **options)
+        OWN_ENGINES.add(engine.sync_engine)
         try:
             dialects.prepare_engine(engine.sync_engine)
             key = self._schema_key(url, engine)

@@ -6,11 +6,17 @@ to it, and teardown rolls back the outer transaction, which is never committed.
 
 The connection itself is kept across tests (see :class:`ConnectionKeeper`): a test pays for
 BEGIN/ROLLBACK and its sessions' savepoints, not for a pool checkout and reset.
+
+Every savepoint on a sandbox's connection goes through one :class:`Savepoints` ledger, whoever
+asks for it: the test's sessions, and the application's engines routed onto the same connection
+(see :mod:`pytest_alchemy.routing`). Several parties then share one stack of savepoints, and the
+ledger keeps it consistent when they do not finish in the order they started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import Engine, RootTransaction
-    from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+    from sqlalchemy.engine.interfaces import DBAPICursor, Dialect, ExecutionContext
     from sqlalchemy.orm import Session
 
 M = TypeVar("M")
@@ -50,11 +56,13 @@ class Watch:
         self.loop = loop
         self.guard: re.Pattern[str] = dialects.statement_guard(connection.dialect.name)
         self.session_state = dialects.session_state_pattern(connection.dialect.name)
+        install_savepoint_hooks(connection.dialect)
         event.listen(connection, "before_cursor_execute", self._before_cursor_execute)
         event.listen(connection, "commit", self._commit)
         event.listen(connection, "rollback", self._rollback)
 
-    def _refuse(self, problem: str) -> None:
+    def refuse(self, problem: str) -> None:
+        """Fail now, and make the test fail at teardown even if the error is swallowed."""
         __tracebackhide__ = True
         owner = self.owner
         if owner is not None and owner.problem is None:
@@ -73,18 +81,18 @@ class Watch:
         if self.owner is None:
             return
         if self.loop is not None:
-            self._check_loop()
+            self.check_loop()
         if self.session_state is not None and self.session_state.match(statement):
             self.owner.changed_session = True
         if self.guard.match(statement) and not self.internal:
             first_line = statement.strip().splitlines()[0][:80]
-            self._refuse(
+            self.refuse(
                 f"pytest-alchemy refused to run {first_line!r}: it would end the test's "
                 f"outer transaction, and what the test wrote would survive it. "
                 f"{dialects.refusal_advice(statement)}"
             )
 
-    def _check_loop(self) -> None:
+    def check_loop(self) -> None:
         __tracebackhide__ = True
         try:
             running = asyncio.get_running_loop()
@@ -104,7 +112,7 @@ class Watch:
 
     def _commit(self, conn: Connection) -> None:
         if self.owner is not None and not self.internal:
-            self._refuse(
+            self.refuse(
                 "pytest-alchemy refused Connection.commit() on the sandbox's connection: it "
                 "would commit the test's outer transaction. Use session.commit() (it releases "
                 "the session's savepoint), or `with db_connection.begin_nested():` for Core work."
@@ -171,6 +179,12 @@ class Sandbox:
         self._watch.owner = self
         self._ended = False
         self.transaction: RootTransaction | None = None
+        self.savepoints = Savepoints(self)
+        self.gate = Gate()
+
+    @property
+    def watch(self) -> Watch:
+        return self._watch
 
     def start(self) -> None:
         """Open the outer transaction (sync connections)."""
@@ -214,6 +228,7 @@ class Sandbox:
         self.problem = self.problem or f"Rolling back the sandbox failed: {exc!r}"
 
     def end_teardown(self) -> None:
+        self.savepoints.clear()
         self._watch.internal = False
         self._watch.owner = None
 
@@ -234,6 +249,177 @@ class Sandbox:
                 self.connection.invalidate()
         finally:
             self.end_teardown()
+
+
+class _Savepoint:
+    __slots__ = ("live", "name", "owner")
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.owner = owner
+        self.name = name
+        self.live = True
+
+
+class Savepoints:
+    """The stack of savepoints on a sandbox's connection, shared by everyone using it.
+
+    An *owner* is whoever opened a savepoint: a ``(Connection, name)`` pair for SQLAlchemy's
+    own ``begin_nested()`` and session savepoints, or a pooled connection for an application
+    transaction (see :mod:`pytest_alchemy.routing`). Names are ``sa_savepoint_<depth>``, unique
+    within the stack (MySQL replaces a savepoint of the same name) and the same in every test
+    (asyncpg caches prepared statements by their text).
+
+    Owners that finish out of order, as concurrent tasks or a session held open across another
+    one do, are handled: releasing a savepoint with a live one above it is deferred until that
+    one ends (``RELEASE`` would release both), and rolling back to it undoes what was written
+    above it, which the ledger reports as a :attr:`Sandbox.problem`.
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self._stack: list[_Savepoint] = []
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def _find(self, owner: object) -> int | None:
+        stack = self._stack
+        for index in range(len(stack) - 1, -1, -1):
+            if stack[index].owner == owner:
+                return index
+        return None
+
+    def open(self, owner: object) -> None:
+        entry = _Savepoint(owner, f"sa_savepoint_{len(self._stack) + 1}")
+        connection = self._sandbox.connection
+        type(connection.dialect).do_savepoint(connection.dialect, connection, entry.name)
+        self._stack.append(entry)
+
+    def release(self, owner: object) -> None:
+        index = self._find(owner)
+        if index is None:
+            return  # rolled back already, with a savepoint below it
+        self._stack[index].live = False
+        if index == len(self._stack) - 1:
+            self._release_finished()
+
+    def _release_finished(self) -> None:
+        """RELEASE the finished savepoints at the top of the stack, in one statement."""
+        stack = self._stack
+        low = len(stack)
+        while low > 0 and not stack[low - 1].live:
+            low -= 1
+        if low < len(stack):
+            connection = self._sandbox.connection
+            dialect = connection.dialect
+            type(dialect).do_release_savepoint(dialect, connection, stack[low].name)
+            del stack[low:]
+
+    def rollback(self, owner: object) -> None:
+        index = self._find(owner)
+        if index is None:
+            return
+        connection = self._sandbox.connection
+        dialect = connection.dialect
+        type(dialect).do_rollback_to_savepoint(dialect, connection, self._stack[index].name)
+        # The savepoint itself stays established on the server, as after SQLAlchemy's own
+        # nested rollback; nothing returns to it, and a new one at this depth shadows it.
+        lost = [entry for entry in self._stack[index + 1 :] if entry.live]
+        del self._stack[index:]
+        if lost and self._sandbox.problem is None:
+            self._sandbox.problem = (
+                "Two transactions were open at once on the test's connection (concurrent "
+                "tasks or threads, or a session held open while another one committed), and "
+                "the older one rolled back. On the sandbox's single connection that also "
+                "undid the newer one's work, which on separate connections would have "
+                "survived. Finish (commit or close) one session before another rolls back, "
+                "or give the test real commits with its own connections."
+            )
+        self._release_finished()
+
+    def clear(self) -> None:
+        self._stack.clear()
+
+
+class Gate:
+    """Lets one thread at a time hold the sandbox's connection, re-entrantly.
+
+    The routed engines hand every checkout the same DBAPI connection, which no driver lets two
+    threads use at once (Starlette's TestClient runs the app in a worker thread). Unlike an
+    RLock, a checkout may be returned from another thread, as FastAPI closes a dependency's
+    session in a different worker thread from the one that ran the endpoint.
+    """
+
+    TIMEOUT = 30.0
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._holder: int | None = None
+        self._count = 0
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self._condition:
+            if self._count and self._holder != me:
+                waited = self._condition.wait_for(lambda: self._count == 0, self.TIMEOUT)
+                if not waited:
+                    raise SandboxBrokenError(
+                        f"A thread waited {self.TIMEOUT:.0f} s for the test's database "
+                        "connection, which another thread holds: the test's threads share one "
+                        "connection and take turns. A thread keeps it from checkout to return "
+                        "(a session, from its first query to commit or close), so finish "
+                        "sessions before waiting on another thread that needs the database."
+                    )
+            self._holder = me
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._condition:
+            if self._count:
+                self._count -= 1
+            if not self._count:
+                self._holder = None
+                self._condition.notify_all()
+
+
+def install_savepoint_hooks(dialect: Dialect) -> None:
+    """Send a sandbox connection's savepoints through its :class:`Savepoints` ledger."""
+    if dialect.__dict__.get("_alchemy_hooked"):
+        return
+    dialect._alchemy_hooked = True  # type: ignore[attr-defined]
+    cls = type(dialect)
+
+    def do_savepoint(connection: Connection, name: str) -> None:
+        ledger = _ledger(connection)
+        if ledger is None:
+            cls.do_savepoint(dialect, connection, name)
+        else:
+            ledger.open((connection, name))
+
+    def do_release_savepoint(connection: Connection, name: str) -> None:
+        ledger = _ledger(connection)
+        if ledger is None:
+            cls.do_release_savepoint(dialect, connection, name)
+        else:
+            ledger.release((connection, name))
+
+    def do_rollback_to_savepoint(connection: Connection, name: str) -> None:
+        ledger = _ledger(connection)
+        if ledger is None:
+            cls.do_rollback_to_savepoint(dialect, connection, name)
+        else:
+            ledger.rollback((connection, name))
+
+    dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
+    dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
+    dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+
+
+def _ledger(connection: Connection) -> Savepoints | None:
+    found = _watches.get(connection)
+    if found is None or found.owner is None or found.internal:
+        return None
+    return found.owner.savepoints
 
 
 _SAVEPOINT_SEQ = "_Connection__savepoint_seq"  # SQLAlchemy's private per-Connection counter

@@ -1,0 +1,538 @@
+"""Routing the application's own engines into the test's sandbox.
+
+An application creates its engine at import time and its sessions from it; that code never sees
+the test's connection. While a test runs, a :class:`Route` points such an engine at the sandbox:
+its pool hands every checkout the sandbox's own DBAPI connection, and its dialect turns the
+transaction calls SQLAlchemy makes into savepoints on the sandbox's ledger
+(:class:`~pytest_alchemy.sandbox.Savepoints`):
+
+==========================  =============================================
+the application does         on the test's connection
+==========================  =============================================
+begin (explicit or auto)     ``SAVEPOINT sa_savepoint_N``
+commit                       ``RELEASE SAVEPOINT sa_savepoint_N``
+rollback                     ``ROLLBACK TO SAVEPOINT sa_savepoint_N``
+``begin_nested()``           the same, one level deeper
+raw ``COMMIT``, MySQL DDL    refused, as on ``db_connection``
+==========================  =============================================
+
+Routing happens at the engine, so every API built on it joins: ``Session(engine)``,
+sessionmakers, ``engine.connect()``, ``engine.begin()``, their async twins. When the test ends
+the engine gets its own pool back and its dialect loses the overrides, so it is exactly as it
+was: same pool, same dialect, same event listeners.
+
+:class:`EscapeWatch` catches what is not routed: a commit to the test database, during a test,
+through any other engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import StaticPool
+
+from pytest_alchemy import dialects
+from pytest_alchemy.config import mask
+from pytest_alchemy.errors import UnsandboxedEngineError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from sqlalchemy.engine import URL, Connection
+    from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, Dialect
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from pytest_alchemy.sandbox import Sandbox
+
+#: Engines the plugin itself uses on the test database; never escapes.
+OWN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+_ENGINES_INI = "alchemy_engines"
+
+# -- what a configured object routes ----------------------------------------------------------
+
+
+def engines_of(obj: object) -> list[tuple[Engine, bool]]:
+    """The engines behind ``obj``, each with whether it is an AsyncEngine's sync engine.
+
+    ``obj`` is an Engine, an AsyncEngine, a ``sessionmaker`` or ``async_sessionmaker`` (its
+    ``bind`` and ``binds``), a ``scoped_session`` or ``async_scoped_session`` (its factory), or
+    a Flask-SQLAlchemy extension (the engines of every app it was initialised with).
+    """
+    found: list[tuple[Engine, bool]] = []
+    _collect(obj, found, depth=0)
+    unique: dict[int, tuple[Engine, bool]] = {}
+    for engine, is_async in found:
+        unique.setdefault(id(_root(engine)), (_root(engine), is_async))
+    return list(unique.values())
+
+
+def _collect(obj: object, found: list[tuple[Engine, bool]], depth: int) -> None:
+    if depth > 4:
+        return
+    if isinstance(obj, Engine):
+        found.append((obj, False))
+        return
+    sync_engine = getattr(obj, "sync_engine", None)
+    if isinstance(sync_engine, Engine) and not hasattr(obj, "sync_connection"):
+        found.append((sync_engine, True))  # an AsyncEngine
+        return
+    kw = getattr(obj, "kw", None)
+    if isinstance(kw, dict) and hasattr(obj, "class_"):  # a sessionmaker or async_sessionmaker
+        if kw.get("bind") is not None:
+            _collect(kw["bind"], found, depth + 1)
+        for bind in (kw.get("binds") or {}).values():
+            _collect(bind, found, depth + 1)
+        return
+    factory = getattr(obj, "session_factory", None)
+    if factory is not None:  # scoped_session, async_scoped_session
+        _collect(factory, found, depth + 1)
+        return
+    apps = getattr(obj, "_app_engines", None)
+    if apps is not None:  # Flask-SQLAlchemy 3: {app: {bind_key: engine}}
+        for engines in list(apps.values()):
+            for engine in engines.values():
+                _collect(engine, found, depth + 1)
+        return
+    raise TypeError(
+        f"{obj!r} is not an Engine, AsyncEngine, sessionmaker, async_sessionmaker, "
+        "scoped_session or Flask-SQLAlchemy extension"
+    )
+
+
+def _root(engine: Engine) -> Engine:
+    """The engine owning the pool (``engine.execution_options()`` makes proxies)."""
+    while hasattr(engine, "_proxied"):
+        engine = engine._proxied
+    return engine
+
+
+def load(path: str) -> object:
+    """The object at ``module:attr`` named in ``alchemy_engines``; a UsageError if absent."""
+    import importlib
+
+    import pytest
+
+    module_name, _, attribute = path.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise pytest.UsageError(
+            f"{_ENGINES_INI}: cannot import {path!r}: {type(exc).__name__}: {exc}. Give "
+            "'module:attribute' of an engine, sessionmaker or Flask-SQLAlchemy `db`, "
+            "importable from the directory pytest runs in."
+        ) from None
+    try:
+        engines_of(obj)
+    except TypeError as exc:
+        raise pytest.UsageError(f"{_ENGINES_INI}: {path!r}: {exc}.") from None
+    return obj
+
+
+# -- the route --------------------------------------------------------------------------------
+
+
+def _family(dialect: Dialect) -> str:
+    return "mysql" if dialect.name == "mariadb" else dialect.name
+
+
+class _SandboxPool(StaticPool):
+    """Hands every checkout the sandbox's DBAPI connection; never opens or closes one."""
+
+    def __init__(self, route: Route) -> None:
+        dbapi_connection = route.sandbox.connection.connection.dbapi_connection
+        super().__init__(
+            lambda: dbapi_connection,  # type: ignore[arg-type]
+            reset_on_return=None,  # the ledger ends transactions; a reset would ROLLBACK
+            dialect=route.engine.dialect,
+        )
+        self._route = route
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        route = self._route
+        route.sandbox.gate.enter()
+        try:
+            route.checked_out()
+            return super()._do_get()
+        except BaseException:
+            route.sandbox.gate.leave()
+            raise
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._route.sandbox.gate.leave()
+
+    def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
+        pass  # the sandbox's connection outlives every checkout
+
+    def dispose(self) -> None:
+        self.__dict__.pop("connection", None)
+
+    def recreate(self) -> _SandboxPool:
+        return self  # engine.dispose() during a test stays routed
+
+    def status(self) -> str:
+        return "pytest-alchemy sandbox pool"
+
+
+class _RefusingPool(StaticPool):
+    """Refuses every checkout with a message saying why the engine cannot join."""
+
+    def __init__(self, engine: Engine, message: str) -> None:
+        super().__init__(lambda: None, dialect=engine.dialect)  # type: ignore[arg-type]
+        self._message = message
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        raise UnsandboxedEngineError(self._message)
+
+    def recreate(self) -> _RefusingPool:
+        return self
+
+
+_HOOKS = (
+    "do_begin",
+    "do_commit",
+    "do_rollback",
+    "do_savepoint",
+    "do_release_savepoint",
+    "do_rollback_to_savepoint",
+    "do_execute",
+    "do_execute_no_params",
+    "do_executemany",
+    "set_isolation_level",
+    "reset_isolation_level",
+)
+
+
+class Route:
+    """One application engine routed into one test's sandbox, until :meth:`stop`."""
+
+    def __init__(self, engine: Engine, sandbox: Sandbox) -> None:
+        self.engine = _root(engine)
+        self.sandbox = sandbox
+        self._pool = self.engine.pool
+        self._saved: dict[str, Any] = {}
+        self._initialized = False
+
+    @property
+    def label(self) -> str:
+        return mask(self.engine.url)
+
+    def start(self) -> None:
+        app, mine = self.engine.dialect, self.sandbox.connection.dialect
+        if _family(app) != _family(mine) or app.driver != mine.driver:
+            raise UnsandboxedEngineError(
+                f"The application engine {self.label} cannot join the test's sandbox: it uses "
+                f"{app.name}+{app.driver}, and the sandbox's connection "
+                f"({mask(self.sandbox.connection.engine.url)}) is {mine.name}+{mine.driver}. "
+                f"They must share one connection, so one driver: point alchemy_url (or "
+                f"alchemy_async_url, for an AsyncEngine) at the driver the application uses, "
+                f"e.g. {mine.name}+{app.driver}://..."
+            )
+        self._hook(app)
+        self.engine.pool = _SandboxPool(self)
+
+    def stop(self) -> None:
+        self.engine.pool = self._pool
+        dialect = self.engine.dialect
+        for name, value in self._saved.items():
+            if value is _MISSING:
+                dialect.__dict__.pop(name, None)
+            else:
+                dialect.__dict__[name] = value
+        self._saved.clear()
+
+    def checked_out(self) -> None:
+        """Called at each checkout: right loop, and the dialect initialised."""
+        sandbox = self.sandbox
+        if sandbox.watch.loop is not None:
+            sandbox.watch.check_loop()
+        if not self._initialized:
+            self._initialized = True
+            dialect = self.engine.dialect
+            if dialect.server_version_info is None:  # never connected: as its first connect would
+                connection = sandbox.connection
+                with connection.begin_nested():
+                    dialect.initialize(connection)
+
+    def _hook(self, dialect: Dialect) -> None:
+        ledger = self.sandbox.savepoints
+        watch = self.sandbox.watch
+        cls = type(dialect)
+        label = self.label
+
+        def guard(statement: str) -> None:
+            __tracebackhide__ = True
+            if watch.guard.match(statement):
+                first_line = statement.strip().splitlines()[0][:80]
+                watch.refuse(
+                    f"pytest-alchemy refused to run {first_line!r} through {label}: it would "
+                    f"end the test's outer transaction, and what the test wrote would survive "
+                    f"it. {dialects.refusal_advice(statement)}"
+                )
+
+        def do_execute(
+            cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
+        ) -> None:
+            guard(statement)
+            cls.do_execute(dialect, cursor, statement, parameters, context)
+
+        def do_execute_no_params(cursor: DBAPICursor, statement: str, context: Any = None) -> None:
+            guard(statement)
+            cls.do_execute_no_params(dialect, cursor, statement, context)
+
+        def do_executemany(
+            cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
+        ) -> None:
+            guard(statement)
+            cls.do_executemany(dialect, cursor, statement, parameters, context)
+
+        def set_isolation_level(dbapi_connection: DBAPIConnection, level: str) -> None:
+            raise UnsandboxedEngineError(
+                f"{label} asked for isolation level {level!r} during a test. Its connection is "
+                f"the test's, inside a transaction that must stay open, so the level cannot "
+                f"change (AUTOCOMMIT would commit for real). Test this code against a database "
+                f"of its own, outside the sandbox."
+            )
+
+        hooks: dict[str, Callable[..., Any]] = {
+            "do_begin": ledger.open,
+            "do_commit": ledger.release,
+            "do_rollback": ledger.rollback,
+            "do_savepoint": lambda connection, name: ledger.open((connection, name)),
+            "do_release_savepoint": lambda connection, name: ledger.release((connection, name)),
+            "do_rollback_to_savepoint": lambda connection, name: ledger.rollback(
+                (connection, name)
+            ),
+            "do_execute": do_execute,
+            "do_execute_no_params": do_execute_no_params,
+            "do_executemany": do_executemany,
+            "set_isolation_level": set_isolation_level,
+            "reset_isolation_level": lambda dbapi_connection: None,
+        }
+        assert set(hooks) == set(_HOOKS)
+        for name, hook in hooks.items():
+            self._saved[name] = dialect.__dict__.get(name, _MISSING)
+            dialect.__dict__[name] = hook
+
+
+_MISSING = object()
+
+
+class _Refusal:
+    """An engine that cannot join, refusing to connect until :meth:`stop`."""
+
+    def __init__(self, engine: Engine, message: str) -> None:
+        self.engine = engine
+        self._pool = engine.pool
+        engine.pool = _RefusingPool(engine, message)
+
+    def stop(self) -> None:
+        self.engine.pool = self._pool
+
+
+class Routes:
+    """The routes of one test, stopped together when it ends."""
+
+    def __init__(self) -> None:
+        self._routes: dict[int, Route | _Refusal] = {}
+
+    def add(self, engine: Engine, sandbox: Sandbox) -> None:
+        """Route ``engine`` into ``sandbox`` from now on."""
+        root = _root(engine)
+        if id(root) in self._routes or root is _root(sandbox.connection.engine):
+            return  # routed already, or the sandbox's own engine
+        route = Route(root, sandbox)
+        route.start()
+        self._routes[id(root)] = route
+
+    def refuse(self, engine: Engine, message: str) -> None:
+        """Make ``engine`` raise ``message`` on connecting, until the test ends."""
+        root = _root(engine)
+        if id(root) not in self._routes:
+            self._routes[id(root)] = _Refusal(root, message)
+
+    def routed(self, engine: Engine) -> bool:
+        return id(_root(engine)) in self._routes
+
+    def stop(self) -> None:
+        routes, self._routes = self._routes, {}
+        for route in reversed(list(routes.values())):
+            route.stop()
+
+
+# -- escapes ----------------------------------------------------------------------------------
+
+
+def database_key(url: URL) -> tuple[Any, ...] | None:
+    """What identifies the database a URL points at, whatever the driver; None for memory."""
+    backend = url.get_backend_name()
+    family = "mysql" if backend == "mariadb" else backend
+    if family == "sqlite":
+        if dialects.is_memory(url):
+            return None
+        return (family, os.path.realpath(url.database or ""))
+    host = url.host or "localhost"
+    host = "127.0.0.1" if host == "localhost" else host
+    port = url.port or {"postgresql": 5432, "mysql": 3306}.get(family)
+    return (family, host, port, url.database)
+
+
+class EscapeWatch:
+    """Notices commits to the test database, during a test, through engines not routed.
+
+    With ``block`` (ini ``alchemy_block_unsandboxed``), such an engine cannot even connect.
+    Listens on the Engine class, so it sees engines created before and after it is installed;
+    installed on first use and removed at the end of the run.
+    """
+
+    def __init__(self, block: bool) -> None:
+        self.block = block
+        self.keys: set[tuple[Any, ...]] = set()
+        self.active = False
+        self.routes: Routes | None = None
+        self.escapes: list[str] = []
+        self._installed = False
+
+    def watch(self, urls: Iterable[URL]) -> None:
+        self.keys = {key for key in map(database_key, urls) if key is not None}
+        if not self._installed and self.keys:
+            self._installed = True
+            event.listen(Engine, "commit", self._commit)
+            if self.block:
+                event.listen(Engine, "engine_connect", self._connect)
+
+    def uninstall(self) -> None:
+        if self._installed:
+            self._installed = False
+            event.remove(Engine, "commit", self._commit)
+            if self.block:
+                event.remove(Engine, "engine_connect", self._connect)
+
+    def _escaping(self, engine: Engine) -> bool:
+        if not self.active or engine in OWN_ENGINES:
+            return False
+        root = _root(engine)
+        if root in OWN_ENGINES or isinstance(root.pool, (_SandboxPool, _RefusingPool)):
+            return False
+        return database_key(engine.url) in self.keys
+
+    def _commit(self, connection: Connection) -> None:
+        if self._escaping(connection.engine):
+            self.escapes.append(
+                f"{mask(connection.engine.url)} committed to the test database outside the "
+                f"test's sandbox, so what it wrote survives the test. {fix(connection.engine)}"
+            )
+
+    def _connect(self, connection: Connection) -> None:
+        if self._escaping(connection.engine):
+            message = (
+                f"{mask(connection.engine.url)} connected to the test database outside the "
+                f"test's sandbox, which alchemy_block_unsandboxed forbids. "
+                f"{fix(connection.engine)}"
+            )
+            self.escapes.append(message)
+            connection.close()
+            raise UnsandboxedEngineError(message)
+
+    def take(self) -> list[str]:
+        found, self.escapes = self.escapes, []
+        return list(dict.fromkeys(found))
+
+
+def fix(engine: Engine) -> str:
+    """How to route ``engine``: the ini line naming where it lives, when it can be found."""
+    paths = list(_import_paths(_root(engine)))
+    if paths:
+        return (
+            f"Route it into the sandbox: add `{_ENGINES_INI} = {paths[0]}` to your pytest ini "
+            f"(one import path per line)."
+        )
+    return (
+        f"Route it into the sandbox: list the module attribute holding it in {_ENGINES_INI} "
+        f"('module:attribute', one per line), or pass it to db_route() in the test, or to "
+        f"pytest_alchemy.route_engines() where it is created."
+    )
+
+
+def _import_paths(engine: Engine) -> Iterator[str]:
+    skip = ("sqlalchemy", "pytest", "_pytest", "pluggy", "pytest_alchemy")
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] in skip:
+            continue
+        for attribute, value in list(getattr(module, "__dict__", {}).items()):
+            if attribute.startswith("__") or isinstance(value, type):
+                continue
+            try:
+                if any(found is engine for found, _ in engines_of(value)):
+                    yield f"{name}:{attribute}"
+            except Exception:
+                continue
+
+
+# -- the run's router -------------------------------------------------------------------------
+
+
+class Router:
+    """What the run routes: ``alchemy_engines`` (imported on first use) and what
+    :func:`route_engines` added; plus the run's :class:`EscapeWatch`."""
+
+    def __init__(self, paths: tuple[str, ...], block: bool) -> None:
+        self.paths = paths
+        self._loaded: list[object] | None = None
+        self.added: list[object] = []
+        self.escapes = EscapeWatch(block)
+
+    def configured(self) -> bool:
+        return bool(self.paths or self.added)
+
+    def objects(self) -> list[object]:
+        if self._loaded is None:
+            self._loaded = [load(path) for path in self.paths]
+        return self._loaded + self.added
+
+
+_ROUTERS: list[Router] = []
+
+
+def push(router: Router) -> None:
+    _ROUTERS.append(router)
+
+
+def pop(router: Router) -> None:
+    if router in _ROUTERS:
+        _ROUTERS.remove(router)
+    router.escapes.uninstall()
+
+
+def route_engines(*objects: object) -> None:
+    """Route these into the sandbox of every test from now on, like ``alchemy_engines``.
+
+    For engines made at run time by an application factory, in a session-scoped fixture::
+
+        @pytest.fixture(scope="session")
+        def app():
+            app = create_app()
+            pytest_alchemy.route_engines(app.state.engine)
+            return app
+
+    Takes what ``alchemy_engines`` takes: an Engine, an AsyncEngine, a ``sessionmaker``,
+    ``async_sessionmaker``, ``scoped_session``, or a Flask-SQLAlchemy extension. For one test
+    only, use the ``db_route`` fixture.
+    """
+    from pytest_alchemy.errors import AlchemyError
+
+    if not _ROUTERS:
+        raise AlchemyError(
+            "route_engines() was called outside a pytest run with pytest-alchemy active; call "
+            "it from a fixture or conftest.py."
+        )
+    for obj in objects:
+        engines_of(obj)  # a TypeError now, rather than in every later test
+    _ROUTERS[-1].added.extend(objects)
