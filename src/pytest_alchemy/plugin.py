@@ -372,6 +372,8 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
         yield routes
     except AlchemyError as exc:
         _fail(exc)
+    except pytest.UsageError as exc:  # alchemy_engines names what cannot be imported
+        pytest.fail(str(exc), pytrace=False)
     finally:
         routes.stop()
     escapes = router.escapes.take()

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import Pool, StaticPool
+from sqlalchemy.pool.base import _ConnectionRecord
 
 from pytest_alchemy import dialects
 from pytest_alchemy.config import mask
@@ -143,8 +144,13 @@ def _family(dialect: Dialect) -> str:
     return "mysql" if dialect.name == "mariadb" else dialect.name
 
 
-class _SandboxPool(StaticPool):
-    """Hands every checkout the sandbox's DBAPI connection; never opens or closes one."""
+class _SandboxPool(Pool):
+    """Hands every checkout the sandbox's DBAPI connection; never opens or closes one.
+
+    Each checkout gets a record of its own (unlike StaticPool's one shared record, whose
+    bookkeeping loses a checkin when two checkouts overlap, as concurrent tasks and nested
+    sessions make them).
+    """
 
     def __init__(self, route: Route) -> None:
         dbapi_connection = route.sandbox.connection.connection.dbapi_connection
@@ -160,7 +166,7 @@ class _SandboxPool(StaticPool):
         route.sandbox.gate.enter()
         try:
             route.checked_out()
-            return super()._do_get()
+            return _ConnectionRecord(self)
         except BaseException:
             route.sandbox.gate.leave()
             raise
@@ -172,7 +178,7 @@ class _SandboxPool(StaticPool):
         pass  # the sandbox's connection outlives every checkout
 
     def dispose(self) -> None:
-        self.__dict__.pop("connection", None)
+        pass
 
     def recreate(self) -> _SandboxPool:
         return self  # engine.dispose() during a test stays routed
@@ -262,8 +268,8 @@ class Route:
                     dialect.initialize(connection)
 
     def _hook(self, dialect: Dialect) -> None:
-        ledger = self.sandbox.savepoints
-        watch = self.sandbox.watch
+        sandbox = self.sandbox
+        ledger, watch, lock = sandbox.savepoints, sandbox.watch, sandbox.lock
         cls = type(dialect)
         label = self.label
 
@@ -277,21 +283,29 @@ class Route:
                     f"it. {dialects.refusal_advice(statement)}"
                 )
 
-        def do_execute(
-            cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
-        ) -> None:
-            guard(statement)
-            cls.do_execute(dialect, cursor, statement, parameters, context)
+        def executing(method: str) -> Callable[..., None]:
+            run = getattr(cls, method)
 
-        def do_execute_no_params(cursor: DBAPICursor, statement: str, context: Any = None) -> None:
-            guard(statement)
-            cls.do_execute_no_params(dialect, cursor, statement, context)
+            def execute(cursor: DBAPICursor, statement: str, *args: Any) -> None:
+                context = args[-1] if args else None
+                party = getattr(getattr(context, "root_connection", None), "connection", None)
+                with lock:
+                    guard(statement)
+                    ledger.wrote(party, statement)
+                    try:
+                        run(dialect, cursor, statement, *args)
+                    except BaseException:
+                        ledger.wrote(party, None)
+                        raise
 
-        def do_executemany(
-            cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
-        ) -> None:
-            guard(statement)
-            cls.do_executemany(dialect, cursor, statement, parameters, context)
+            return execute
+
+        def locked(function: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*args: Any) -> Any:
+                with lock:
+                    return function(*args)
+
+            return run
 
         def set_isolation_level(dbapi_connection: DBAPIConnection, level: str) -> None:
             raise UnsandboxedEngineError(
@@ -302,17 +316,21 @@ class Route:
             )
 
         hooks: dict[str, Callable[..., Any]] = {
-            "do_begin": ledger.open,
-            "do_commit": ledger.release,
-            "do_rollback": ledger.rollback,
-            "do_savepoint": lambda connection, name: ledger.open((connection, name)),
-            "do_release_savepoint": lambda connection, name: ledger.release((connection, name)),
-            "do_rollback_to_savepoint": lambda connection, name: ledger.rollback(
-                (connection, name)
+            "do_begin": locked(lambda fairy: ledger.open(fairy, fairy)),
+            "do_commit": locked(ledger.release),
+            "do_rollback": locked(ledger.rollback),
+            "do_savepoint": locked(
+                lambda connection, name: ledger.open((connection, name), connection.connection)
             ),
-            "do_execute": do_execute,
-            "do_execute_no_params": do_execute_no_params,
-            "do_executemany": do_executemany,
+            "do_release_savepoint": locked(
+                lambda connection, name: ledger.release((connection, name))
+            ),
+            "do_rollback_to_savepoint": locked(
+                lambda connection, name: ledger.rollback((connection, name))
+            ),
+            "do_execute": executing("do_execute"),
+            "do_execute_no_params": executing("do_execute_no_params"),
+            "do_executemany": executing("do_executemany"),
             "set_isolation_level": set_isolation_level,
             "reset_isolation_level": lambda dbapi_connection: None,
         }

@@ -16,6 +16,7 @@ ledger keeps it consistent when they do not finish in the order they started.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +28,6 @@ from pytest_alchemy import dialects
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
 
 if TYPE_CHECKING:
-    import re
     from collections.abc import Callable
 
     from sqlalchemy.engine import Engine, RootTransaction
@@ -181,6 +181,8 @@ class Sandbox:
         self.transaction: RootTransaction | None = None
         self.savepoints = Savepoints(self)
         self.gate = Gate()
+        #: Held by routed engines around each use of the connection, which threads share.
+        self.lock = threading.RLock()
 
     @property
     def watch(self) -> Watch:
@@ -252,12 +254,20 @@ class Sandbox:
 
 
 class _Savepoint:
-    __slots__ = ("live", "name", "owner")
+    __slots__ = ("live", "name", "owner", "party", "writers")
 
-    def __init__(self, owner: object, name: str) -> None:
+    def __init__(self, owner: object, party: object, name: str) -> None:
         self.owner = owner
+        self.party = party  # the pooled connection whose code opened it
         self.name = name
         self.live = True
+        self.writers: set[int] = set()  # ids of the parties whose writes it holds
+
+
+#: Statements that write nothing a rollback would need to undo.
+_READS = re.compile(
+    r"\s*(?:SELECT|SHOW|PRAGMA|EXPLAIN|DESCRIBE|SAVEPOINT|RELEASE|ROLLBACK)\b", re.I
+)
 
 
 class Savepoints:
@@ -265,14 +275,20 @@ class Savepoints:
 
     An *owner* is whoever opened a savepoint: a ``(Connection, name)`` pair for SQLAlchemy's
     own ``begin_nested()`` and session savepoints, or a pooled connection for an application
-    transaction (see :mod:`pytest_alchemy.routing`). Names are ``sa_savepoint_<depth>``, unique
-    within the stack (MySQL replaces a savepoint of the same name) and the same in every test
-    (asyncpg caches prepared statements by their text).
+    transaction (see :mod:`pytest_alchemy.routing`); its *party* is the pooled connection its
+    statements come from. Names are ``sa_savepoint_<depth>``, unique within the stack (MySQL
+    replaces a savepoint of the same name) and the same in every test (asyncpg caches prepared
+    statements by their text).
 
-    Owners that finish out of order, as concurrent tasks or a session held open across another
-    one do, are handled: releasing a savepoint with a live one above it is deferred until that
-    one ends (``RELEASE`` would release both), and rolling back to it undoes what was written
-    above it, which the ledger reports as a :attr:`Sandbox.problem`.
+    Parties that finish out of order, as concurrent tasks, threads or a session held open
+    across another one do, are handled as far as one connection allows:
+
+    - releasing a savepoint with a live one above it is deferred until that one ends
+      (``RELEASE`` would release both);
+    - rolling back a savepoint that holds no writes is free: nothing is undone, nothing above
+      it is disturbed (a read-only session closing late);
+    - rolling back one that does undoes everything written since it opened, by anyone; when
+      that includes another party's work, :attr:`Sandbox.problem` says so and the test fails.
     """
 
     def __init__(self, sandbox: Sandbox) -> None:
@@ -289,11 +305,24 @@ class Savepoints:
                 return index
         return None
 
-    def open(self, owner: object) -> None:
-        entry = _Savepoint(owner, f"sa_savepoint_{len(self._stack) + 1}")
+    def _run(self, method: str, name: str) -> None:
         connection = self._sandbox.connection
-        type(connection.dialect).do_savepoint(connection.dialect, connection, entry.name)
+        dialect = connection.dialect
+        getattr(type(dialect), method)(dialect, connection, name)
+
+    def open(self, owner: object, party: object) -> None:
+        entry = _Savepoint(owner, party, f"sa_savepoint_{len(self._stack) + 1}")
+        self._run("do_savepoint", entry.name)
         self._stack.append(entry)
+
+    def wrote(self, party: object, statement: str | None) -> None:
+        """Note a statement of ``party`` (None: one that failed); a write lands on top.
+
+        A failed statement counts as a write: on PostgreSQL it aborts the transaction, and
+        only ``ROLLBACK TO`` recovers from that.
+        """
+        if self._stack and (statement is None or not _READS.match(statement)):
+            self._stack[-1].writers.add(id(party))
 
     def release(self, owner: object) -> None:
         index = self._find(owner)
@@ -310,30 +339,41 @@ class Savepoints:
         while low > 0 and not stack[low - 1].live:
             low -= 1
         if low < len(stack):
-            connection = self._sandbox.connection
-            dialect = connection.dialect
-            type(dialect).do_release_savepoint(dialect, connection, stack[low].name)
+            self._run("do_release_savepoint", stack[low].name)
+            if low:  # what they held now belongs to the savepoint below
+                for entry in stack[low:]:
+                    stack[low - 1].writers |= entry.writers
             del stack[low:]
 
     def rollback(self, owner: object) -> None:
         index = self._find(owner)
         if index is None:
             return
-        connection = self._sandbox.connection
-        dialect = connection.dialect
-        type(dialect).do_rollback_to_savepoint(dialect, connection, self._stack[index].name)
+        stack = self._stack
+        entry = stack[index]
+        above = stack[index + 1 :]
+        mine = id(entry.party)
+        if mine not in entry.writers and not any(mine in a.writers for a in above):
+            # Its party wrote nothing since it opened (a read-only session closing, perhaps
+            # late): nothing to undo, and what others wrote inside it stays.
+            self.release(owner)
+            return
+        self._run("do_rollback_to_savepoint", entry.name)
         # The savepoint itself stays established on the server, as after SQLAlchemy's own
         # nested rollback; nothing returns to it, and a new one at this depth shadows it.
-        lost = [entry for entry in self._stack[index + 1 :] if entry.live]
-        del self._stack[index:]
-        if lost and self._sandbox.problem is None:
+        undone = stack[index:]
+        foreign = any(a.live for a in above) or any(
+            writer != mine for a in undone for writer in a.writers
+        )
+        del stack[index:]
+        if foreign and self._sandbox.problem is None:
             self._sandbox.problem = (
                 "Two transactions were open at once on the test's connection (concurrent "
-                "tasks or threads, or a session held open while another one committed), and "
-                "the older one rolled back. On the sandbox's single connection that also "
-                "undid the newer one's work, which on separate connections would have "
-                "survived. Finish (commit or close) one session before another rolls back, "
-                "or give the test real commits with its own connections."
+                "tasks or threads, or a session held open while another one wrote), and one "
+                "rolled back. On the sandbox's single connection that also undid the other "
+                "one's writes, which on separate connections would have survived. Commit or "
+                "close one session before another writes, or give such a test real commits "
+                "on connections of its own."
             )
         self._release_finished()
 
@@ -383,7 +423,7 @@ class Gate:
 
 
 def install_savepoint_hooks(dialect: Dialect) -> None:
-    """Send a sandbox connection's savepoints through its :class:`Savepoints` ledger."""
+    """Send a sandbox connection's savepoints and writes through its :class:`Savepoints`."""
     if dialect.__dict__.get("_alchemy_hooked"):
         return
     dialect._alchemy_hooked = True  # type: ignore[attr-defined]
@@ -394,7 +434,7 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
         if ledger is None:
             cls.do_savepoint(dialect, connection, name)
         else:
-            ledger.open((connection, name))
+            ledger.open((connection, name), connection.connection)
 
     def do_release_savepoint(connection: Connection, name: str) -> None:
         ledger = _ledger(connection)
@@ -410,9 +450,46 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
         else:
             ledger.rollback((connection, name))
 
+    def noted(context: ExecutionContext | None, statement: str | None) -> None:
+        connection = getattr(context, "root_connection", None)
+        ledger = _ledger(connection) if connection is not None else None
+        if ledger is not None:
+            ledger.wrote(connection.connection, statement)  # type: ignore[union-attr]
+
+    def do_execute(
+        cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        noted(context, statement)
+        try:
+            cls.do_execute(dialect, cursor, statement, parameters, context)
+        except BaseException:
+            noted(context, None)
+            raise
+
+    def do_execute_no_params(cursor: DBAPICursor, statement: str, context: Any = None) -> None:
+        noted(context, statement)
+        try:
+            cls.do_execute_no_params(dialect, cursor, statement, context)
+        except BaseException:
+            noted(context, None)
+            raise
+
+    def do_executemany(
+        cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        noted(context, statement)
+        try:
+            cls.do_executemany(dialect, cursor, statement, parameters, context)
+        except BaseException:
+            noted(context, None)
+            raise
+
     dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
     dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
     dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+    dialect.do_execute = do_execute  # type: ignore[method-assign]
+    dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
+    dialect.do_executemany = do_executemany  # type: ignore[method-assign]
 
 
 def _ledger(connection: Connection) -> Savepoints | None:

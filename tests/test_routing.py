@@ -1,0 +1,834 @@
+"""The application's own engines, routed into the test's sandbox without changing the app.
+
+Each scenario is a small application written the ordinary way (an engine and a sessionmaker
+at module level, a FastAPI or Flask app), run through the plugin. Each proves its point the hard
+way: the app commits, the test sees the rows, and a later test sees an empty table.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, project_for
+from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from conftest import Project
+
+
+def _subset(drivers: list[Driver], *ids: str) -> list[Driver]:
+    return [driver for driver in drivers if driver.id in ids]
+
+
+#: One driver per backend, for scenarios whose point is not the driver.
+SYNC_BACKENDS = _subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")
+ASYNC_BACKENDS = _subset(ASYNC_DRIVERS, "sqlite-aiosqlite", "postgresql-asyncpg", "mysql-asyncmy")
+
+
+def _project(
+    request: pytest.FixtureRequest,
+    scratch: dict[str, str],
+    pytester: pytest.Pytester,
+) -> Project:
+    driver: Driver = request.param
+    return project_for(driver, scratch, pytester)
+
+
+@pytest.fixture(params=SYNC_BACKENDS, ids=lambda d: d.id)
+def sync_backend(
+    request: pytest.FixtureRequest, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> Project:
+    return _project(request, scratch_databases, pytester)
+
+
+@pytest.fixture(params=ASYNC_BACKENDS, ids=lambda d: d.id)
+def async_backend(
+    request: pytest.FixtureRequest, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> Project:
+    return _project(request, scratch_databases, pytester)
+
+
+def _app(project: Project, source: str, name: str = "app") -> None:
+    """The application module, its engine on the database the project's URL names.
+
+    That is the app's own database (the test database is derived from it), as an app's
+    settings would name it; routing must keep the app away from it.
+    """
+    url = project.url or "sqlite://"
+    project.pytester.makepyfile(**{name: source.replace("APP_URL", repr(url))})
+
+
+SYNC_APP = """
+from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy.orm import sessionmaker
+
+from models import Item
+
+engine = create_engine(APP_URL)
+SessionLocal = sessionmaker(engine)
+
+
+def add_with_session(name):
+    with SessionLocal() as session:
+        session.add(Item(name=name))
+        session.commit()
+
+
+def add_with_begin(name):
+    with engine.begin() as conn:
+        conn.execute(insert(Item).values(name=name))
+
+
+def add_with_connect(name):
+    with engine.connect() as conn:
+        conn.execute(insert(Item).values(name=name))
+        conn.commit()
+
+
+def names():
+    with SessionLocal() as session:
+        return sorted(session.scalars(select(Item.name)))
+"""
+
+SYNC_TESTS = """
+import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+import app
+from models import Item
+
+
+def test_app_commits_through_sessionmaker_begin_and_connect():
+    app.add_with_session("a")
+    app.add_with_begin("b")
+    app.add_with_connect("c")
+    assert app.names() == ["a", "b", "c"]
+
+
+def test_a_later_test_sees_none_of_it():
+    assert app.names() == []
+
+
+def test_app_rollbacks_return_to_the_app_savepoint():
+    app.add_with_session("kept")
+    with app.SessionLocal() as session:
+        session.add(Item(name="kept"))
+        with pytest.raises(IntegrityError):
+            session.commit()
+        session.rollback()
+        session.add(Item(name="after"))
+        session.commit()
+    with app.engine.connect() as conn:
+        nested = conn.begin_nested()
+        conn.execute(insert(Item).values(name="undone"))
+        nested.rollback()
+        conn.execute(insert(Item).values(name="nested"))
+        conn.commit()
+    assert app.names() == ["after", "kept", "nested"]
+
+
+def test_app_and_db_session_see_each_other(db_session):
+    db_session.add(Item(name="fixture"))
+    db_session.commit()
+    app.add_with_session("app")
+    assert sorted(db_session.scalars(select(Item.name))) == ["app", "fixture"]
+    assert app.names() == ["app", "fixture"]
+
+
+def test_sessions_that_finish_out_of_order(db_session):
+    db_session.add(Item(name="mine"))
+    db_session.flush()  # the test's savepoint first
+    held = app.SessionLocal()
+    held.add(Item(name="held"))
+    held.flush()  # the app's savepoint above it
+    db_session.commit()  # released once the app's is done
+    held.commit()
+    held.close()
+    assert app.names() == ["held", "mine"]
+
+
+def test_raw_commit_through_the_app_engine_is_refused():
+    from pytest_alchemy import SandboxBrokenError
+
+    with app.engine.connect() as conn:
+        with pytest.raises(SandboxBrokenError, match="refused"):
+            conn.exec_driver_sql("COMMIT")
+
+
+def test_and_nothing_survives(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
+    assert app.names() == []
+"""
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS, ids=lambda d: d.id)
+def test_module_level_engine_and_sessionmaker_join_the_sandbox(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, SYNC_APP)
+    project.ini("alchemy_engines = app:SessionLocal\n")
+    project.tests(SYNC_TESTS)
+    result = project.run("-v")
+    # The raw COMMIT is refused in the test, and the refusal fails that test at teardown.
+    result.assert_outcomes(passed=7, errors=1)
+    result.stdout.fnmatch_lines(["*test_raw_commit_through_the_app_engine_is_refused ERROR*"])
+    assert project.leftover_tables() == []
+
+
+ASYNC_APP = """
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from models import Item
+
+engine = create_async_engine(APP_URL)
+SessionLocal = async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def add_with_session(name):
+    async with SessionLocal() as session:
+        session.add(Item(name=name))
+        await session.commit()
+
+
+async def add_with_begin(name):
+    async with engine.begin() as conn:
+        await conn.execute(insert(Item).values(name=name))
+
+
+async def add_with_connect(name):
+    async with engine.connect() as conn:
+        await conn.execute(insert(Item).values(name=name))
+        await conn.commit()
+
+
+async def names():
+    async with SessionLocal() as session:
+        return sorted(await session.scalars(select(Item.name)))
+"""
+
+ASYNC_TESTS = """
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+import app
+from models import Item
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_app_commits_through_sessionmaker_begin_and_connect():
+    await app.add_with_session("a")
+    await app.add_with_begin("b")
+    await app.add_with_connect("c")
+    assert await app.names() == ["a", "b", "c"]
+
+
+async def test_a_later_test_sees_none_of_it():
+    assert await app.names() == []
+
+
+async def test_tasks_the_test_spawns_land_in_the_sandbox():
+    tasks = [asyncio.create_task(app.add_with_session(f"task{i}")) for i in range(4)]
+    await asyncio.gather(*tasks, app.add_with_begin("begin"))
+    assert await app.names() == ["begin", "task0", "task1", "task2", "task3"]
+
+
+async def test_app_and_async_db_session_see_each_other(async_db_session):
+    async_db_session.add(Item(name="fixture"))
+    await async_db_session.commit()
+    await app.add_with_session("app")
+    assert sorted(await async_db_session.scalars(select(Item.name))) == ["app", "fixture"]
+
+
+async def test_and_nothing_survives(async_db_session):
+    assert (await async_db_session.scalars(select(Item.name))).all() == []
+    assert await app.names() == []
+"""
+
+
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS, ids=lambda d: d.id)
+def test_async_engine_and_sessionmaker_join_the_sandbox(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, ASYNC_APP)
+    project.ini("alchemy_engines = app:SessionLocal\n")
+    project.tests(ASYNC_TESTS)
+    project.run().assert_outcomes(passed=5)
+    assert project.leftover_tables() == []
+
+
+FASTAPI_ASYNC = """
+from fastapi import Depends, FastAPI
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from models import Item
+
+engine = create_async_engine(APP_URL)
+SessionLocal = async_sessionmaker(engine, expire_on_commit=False)
+api = FastAPI()
+
+
+async def get_session():
+    async with SessionLocal() as session:
+        yield session
+
+
+@api.post("/items/{name}")
+async def create(name: str, session: AsyncSession = Depends(get_session)):
+    session.add(Item(name=name))
+    await session.commit()
+    return {"count": await session.scalar(select(func.count(Item.id)))}
+"""
+
+FASTAPI_ASYNC_TESTS = """
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+import app
+from models import Item
+
+pytestmark = pytest.mark.asyncio
+
+
+async def post(name):
+    transport = httpx.ASGITransport(app=app.api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        response = await client.post(f"/items/{name}")
+        response.raise_for_status()
+        return response.json()
+
+
+async def test_the_endpoint_commits_into_the_sandbox(async_db_session):
+    assert await post("a") == {"count": 1}
+    assert await post("b") == {"count": 2}
+    assert await async_db_session.scalar(select(func.count(Item.id))) == 2
+
+
+async def test_a_later_request_sees_an_empty_table():
+    assert await post("c") == {"count": 1}
+
+
+async def test_and_nothing_survives(async_db_session):
+    assert await async_db_session.scalar(select(func.count(Item.id))) == 0
+"""
+
+
+def test_fastapi_async_app_through_asgi_transport(async_backend: Project) -> None:
+    _app(async_backend, FASTAPI_ASYNC)
+    async_backend.ini("alchemy_engines = app:engine\n")
+    async_backend.tests(FASTAPI_ASYNC_TESTS)
+    async_backend.run().assert_outcomes(passed=3)
+
+
+FASTAPI_SYNC = """
+from fastapi import Depends, FastAPI
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Item
+
+engine = create_engine(APP_URL)
+SessionLocal = sessionmaker(engine)
+api = FastAPI()
+
+
+def get_session():
+    with SessionLocal() as session:
+        yield session
+
+
+@api.post("/items/{name}")
+def create(name: str, session: Session = Depends(get_session)):
+    session.add(Item(name=name))
+    session.commit()
+    return {"count": session.scalar(select(func.count(Item.id)))}
+"""
+
+FASTAPI_SYNC_TESTS = """
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+import app
+from models import Item
+
+
+def test_the_endpoint_commits_into_the_sandbox(db_session):
+    with TestClient(app.api) as client:
+        assert client.post("/items/a").json() == {"count": 1}
+        assert client.post("/items/b").json() == {"count": 2}
+    assert db_session.scalar(select(func.count(Item.id))) == 2
+
+
+def test_concurrent_requests_take_turns_on_the_connection():
+    with TestClient(app.api) as client, ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: client.post(f"/items/t{i}"), range(8)))
+    assert all(response.status_code == 200 for response in responses)
+    assert sorted(response.json()["count"] for response in responses) == list(range(1, 9))
+
+
+def test_and_nothing_survives(db_session):
+    assert db_session.scalar(select(func.count(Item.id))) == 0
+"""
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS, ids=lambda d: d.id)
+def test_sync_fastapi_app_through_testclient(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, FASTAPI_SYNC)
+    project.ini("alchemy_engines = app:SessionLocal\n")
+    project.tests(FASTAPI_SYNC_TESTS)
+    # Starlette 1.x asks for httpx2, which needs Python 3.11+.
+    project.run("-W", "ignore:Using `httpx`:DeprecationWarning").assert_outcomes(passed=3)
+
+
+FLASK_APP = """
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import func, select
+
+from models import Base, Item
+
+db = SQLAlchemy(model_class=Base)
+app = Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = APP_URL
+db.init_app(app)
+
+
+@app.post("/items/<name>")
+def create(name):
+    db.session.add(Item(name=name))
+    db.session.commit()
+    return {"count": db.session.scalar(select(func.count(Item.id)))}
+"""
+
+FLASK_TESTS = """
+from sqlalchemy import func, select
+
+from flaskapp import app, db
+from models import Item
+
+
+def test_the_view_commits_into_the_sandbox(db_session):
+    client = app.test_client()
+    assert client.post("/items/a").json == {"count": 1}
+    assert client.post("/items/b").json == {"count": 2}
+    assert db_session.scalar(select(func.count(Item.id))) == 2
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Item.id))) == 2
+
+
+def test_and_nothing_survives(db_session):
+    assert db_session.scalar(select(func.count(Item.id))) == 0
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Item.id))) == 0
+"""
+
+
+def test_flask_sqlalchemy_db_session_joins_the_sandbox(sync_backend: Project) -> None:
+    _app(sync_backend, FLASK_APP, "flaskapp")
+    sync_backend.ini("alchemy_engines = flaskapp:db\n")
+    sync_backend.tests(FLASK_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)
+
+
+SQLMODEL_APP = """
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+
+class Hero(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=50)
+
+
+engine = create_engine(APP_URL)
+
+
+def create_hero(name):
+    with Session(engine) as session:
+        session.add(Hero(name=name))
+        session.commit()
+
+
+def hero_names():
+    with Session(engine) as session:
+        return sorted(hero.name for hero in session.exec(select(Hero)))
+"""
+
+SQLMODEL_TESTS = """
+from heroes import create_hero, hero_names
+
+
+def test_the_app_commits_into_the_sandbox():
+    create_hero("Deadpond")
+    create_hero("Rusty-Man")
+    assert hero_names() == ["Deadpond", "Rusty-Man"]
+
+
+def test_and_nothing_survives():
+    assert hero_names() == []
+"""
+
+
+def test_sqlmodel_app_joins_the_sandbox(sync_backend: Project) -> None:
+    _app(sync_backend, SQLMODEL_APP, "heroes")
+    sync_backend.ini(
+        "alchemy_metadata = heroes:SQLModel.metadata\nalchemy_engines = heroes:engine\n",
+        metadata=False,
+    )
+    sync_backend.tests(SQLMODEL_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)
+
+
+TWO_ENGINES_APP = """
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
+
+from models import Item, Tag
+
+items_engine = create_engine(APP_URL)
+tags_engine = create_engine(APP_URL, pool_size=2)
+SessionLocal = sessionmaker(binds={Item: items_engine, Tag: tags_engine})
+
+
+def add(name):
+    with SessionLocal() as session:
+        item = Item(name=name)
+        session.add(item)
+        session.flush()
+        session.add(Tag(item_id=item.id))
+        session.commit()
+
+
+def counts():
+    with items_engine.connect() as items, tags_engine.connect() as tags:
+        return (
+            len(items.execute(select(Item.id)).all()),
+            len(tags.execute(select(Tag.id)).all()),
+        )
+"""
+
+TWO_ENGINES_TESTS = """
+import app
+
+
+def test_both_binds_commit_into_the_sandbox():
+    app.add("a")
+    app.add("b")
+    assert app.counts() == (2, 2)
+
+
+def test_and_nothing_survives():
+    assert app.counts() == (0, 0)
+"""
+
+
+def test_a_binds_session_over_two_engines_joins_the_sandbox(sync_backend: Project) -> None:
+    _app(sync_backend, TWO_ENGINES_APP)
+    sync_backend.ini("alchemy_engines = app:SessionLocal\n")
+    sync_backend.tests(TWO_ENGINES_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)
+
+
+THREADS_TESTS = """
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import app
+
+
+def test_a_thread_pool_lands_in_the_sandbox():
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(app.add_with_session, [f"t{i}" for i in range(8)]))
+    assert app.names() == [f"t{i}" for i in range(8)]
+
+
+@pytest.mark.asyncio
+async def test_to_thread_lands_in_the_sandbox():
+    await asyncio.to_thread(app.add_with_begin, "threaded")
+    assert app.names() == ["threaded"]
+
+
+def test_and_nothing_survives():
+    assert app.names() == []
+"""
+
+
+def test_threads_the_test_spawns_land_in_the_sandbox(sync_backend: Project) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:engine\n")
+    sync_backend.tests(THREADS_TESTS)
+    sync_backend.run().assert_outcomes(passed=3)
+
+
+RUNTIME_TESTS = """
+from sqlalchemy import create_engine
+
+import app
+
+ORIGINAL_POOL = app.engine.pool
+HOOKS = {"do_begin", "do_commit", "do_rollback", "do_savepoint", "do_execute"}
+
+
+def test_db_route_routes_an_engine_for_one_test(db_route):
+    db_route(app.engine)
+    assert app.engine.pool is not ORIGINAL_POOL
+    app.add_with_begin("routed")
+    assert app.names() == ["routed"]
+
+
+def test_afterwards_the_engine_is_as_it_was():
+    assert app.engine.pool is ORIGINAL_POOL
+    assert not HOOKS & set(vars(app.engine.dialect))
+
+
+def test_an_app_factory_engine_made_in_the_test(db_route, db_engine):
+    engine = create_engine(db_engine.url.set(database=app.engine.url.database))
+    db_route(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO alchemy_item (name) VALUES ('factory')")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT name FROM alchemy_item").scalars().all() == [
+            "factory"
+        ]
+    engine.dispose()
+
+
+def test_and_nothing_survives(db_session):
+    from sqlalchemy import select
+    from models import Item
+
+    assert db_session.scalars(select(Item.name)).all() == []
+"""
+
+
+def test_db_route_routes_for_one_test_and_restores_the_engine(sync_backend: Project) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini()
+    sync_backend.tests(RUNTIME_TESTS)
+    sync_backend.run().assert_outcomes(passed=4)
+
+
+ROUTE_ENGINES_TESTS = """
+import pytest
+import pytest_alchemy
+from sqlalchemy import create_engine, insert, select
+
+from models import Item
+
+
+@pytest.fixture(scope="session")
+def factory_engine(db_engine):
+    engine = create_engine(db_engine.url)
+    pytest_alchemy.route_engines(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_commits_land_in_the_sandbox(factory_engine):
+    with factory_engine.begin() as conn:
+        conn.execute(insert(Item).values(name="a"))
+    with factory_engine.connect() as conn:
+        assert conn.execute(select(Item.name)).scalars().all() == ["a"]
+
+
+def test_and_nothing_survives(factory_engine):
+    with factory_engine.connect() as conn:
+        assert conn.execute(select(Item.name)).scalars().all() == []
+"""
+
+
+def test_route_engines_routes_an_engine_for_every_later_test(sync_backend: Project) -> None:
+    sync_backend.ini()
+    sync_backend.tests(ROUTE_ENGINES_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)
+
+
+# -- escapes and misuse -----------------------------------------------------------------------
+
+ESCAPE_APP = """
+from sqlalchemy import create_engine
+
+rogue = None
+
+
+def connect(url):
+    global rogue
+    rogue = create_engine(url)
+    return rogue
+"""
+
+ESCAPE_TESTS = """
+from sqlalchemy import insert, select
+
+import escape
+from models import Item
+
+
+def test_a_commit_around_the_sandbox_fails_the_test(db_engine):
+    engine = escape.connect(db_engine.url)
+    with engine.begin() as conn:
+        conn.execute(insert(Item).values(name="escaped"))
+    engine.dispose()
+
+
+def test_cleanup(db_engine):
+    engine = escape.connect(db_engine.url)
+    with engine.begin() as conn:
+        conn.execute(Item.__table__.delete())
+    engine.dispose()
+"""
+
+
+def test_a_commit_through_an_unrouted_engine_fails_with_the_fix(sync_backend: Project) -> None:
+    _app(sync_backend, ESCAPE_APP, "escape")
+    sync_backend.ini()
+    sync_backend.tests(ESCAPE_TESTS)
+    result = sync_backend.run("-v")
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*UnsandboxedEngineError: * committed to the test database outside the test's "
+            "sandbox, so what it wrote survives the test. Route it into the sandbox: add "
+            "`alchemy_engines = escape:rogue` to your pytest ini*",
+        ]
+    )
+
+
+STRICT_TESTS = """
+import pytest
+from sqlalchemy import create_engine, select
+
+import app
+from models import Item
+from pytest_alchemy import UnsandboxedEngineError
+
+
+def test_an_unrouted_engine_cannot_connect(db_engine):
+    engine = create_engine(db_engine.url)
+    with pytest.raises(UnsandboxedEngineError, match="alchemy_block_unsandboxed"):
+        engine.connect()
+    engine.dispose()
+
+
+def test_routed_engines_still_work():
+    app.add_with_session("a")
+    assert app.names() == ["a"]
+"""
+
+
+def test_strict_mode_refuses_unrouted_engines(sync_backend: Project) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:engine\nalchemy_block_unsandboxed = true\n")
+    sync_backend.tests(STRICT_TESTS)
+    result = sync_backend.run("-v")
+    # The refused connection also fails its test at teardown, even though it was caught.
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*test_an_unrouted_engine_cannot_connect ERROR*"])
+
+
+def test_an_engine_with_another_driver_gets_a_clear_error(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    driver = _subset(SYNC_DRIVERS, "postgresql-psycopg")[0]
+    project = project_for(driver, scratch_databases, pytester)
+    assert project.url is not None
+    other = make_url(project.url).set(drivername="postgresql+psycopg2")
+    _app(project, SYNC_APP.replace("APP_URL", repr(other.render_as_string(False))))
+    project.ini("alchemy_engines = app:engine\n")
+    project.tests("def test_it():\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*cannot join the test's sandbox: it uses postgresql+psycopg2*point alchemy_url*"]
+    )
+
+
+SYNC_TEST_ASYNC_APP = """
+import asyncio
+
+import app
+
+
+def test_a_sync_test_driving_an_async_engine():
+    asyncio.run(app.names())
+"""
+
+
+def test_an_async_engine_in_a_sync_test_says_why_and_what_to_do(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    driver = _subset(ASYNC_DRIVERS, "sqlite-aiosqlite")[0]
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, ASYNC_APP)
+    project.ini("alchemy_engines = app:engine\n")
+    project.tests(SYNC_TEST_ASYNC_APP)
+    result = project.run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*UnsandboxedEngineError*TestClient*ASGITransport*"])
+
+
+def test_an_unimportable_engine_path_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    from conftest import Project
+
+    project = Project(pytester, None)
+    project.ini("alchemy_engines = nowhere:engine\n")
+    project.tests("def test_it():\n    pass\n")
+    result = project.run()
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(
+        ["*alchemy_engines: cannot import 'nowhere:engine': ModuleNotFoundError*"]
+    )
+
+
+OVERLAP_TESTS = """
+from sqlalchemy import insert
+
+import app
+from models import Item
+
+
+def test_a_rollback_that_undoes_another_sessions_writes_fails_the_test(db_connection):
+    held = app.SessionLocal()
+    held.add(Item(name="app"))
+    held.flush()  # the app's savepoint is on top now
+    db_connection.execute(insert(Item).values(name="test"))  # lands inside it
+    held.rollback()  # undoes both
+    held.close()
+
+
+def test_a_late_read_only_session_undoes_nothing(db_session):
+    reader = app.SessionLocal()
+    assert app.names() == []
+    reader.connection()  # its savepoint opens first
+    app.add_with_session("committed")  # commits inside the reader's savepoint
+    reader.close()  # rolls back: nothing of its own to undo
+    assert app.names() == ["committed"]
+"""
+
+
+def test_overlapping_transactions_keep_what_they_can_and_report_what_they_cannot(
+    sync_backend: Project,
+) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:engine\n")
+    sync_backend.tests(OVERLAP_TESTS)
+    result = sync_backend.run("-v")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*test_a_rollback_that_undoes*ERROR*", "*Two transactions were open at once*"]
+    )
