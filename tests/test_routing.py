@@ -149,6 +149,25 @@ def test_sessions_that_finish_out_of_order(db_session):
     assert app.names() == ["held", "mine"]
 
 
+def test_raw_dbapi_connection_commits_and_rolls_back_in_the_sandbox():
+    raw = app.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("INSERT INTO alchemy_item (name) VALUES ('raw')")
+        cursor.close()
+        raw.commit()
+        cursor = raw.cursor()
+        cursor.execute("INSERT INTO alchemy_item (name) VALUES ('undone')")
+        cursor.close()
+        raw.rollback()
+        cursor = raw.cursor()
+        cursor.execute("INSERT INTO alchemy_item (name) VALUES ('closed')")
+        cursor.close()
+    finally:
+        raw.close()  # without commit: discarded
+    assert app.names() == ["raw"]
+
+
 def test_raw_commit_through_the_app_engine_is_refused():
     from pytest_alchemy import SandboxBrokenError
 
@@ -173,7 +192,7 @@ def test_module_level_engine_and_sessionmaker_join_the_sandbox(
     project.tests(SYNC_TESTS)
     result = project.run("-v")
     # The raw COMMIT is refused in the test, and the refusal fails that test at teardown.
-    result.assert_outcomes(passed=7, errors=1)
+    result.assert_outcomes(passed=8, errors=1)
     result.stdout.fnmatch_lines(["*test_raw_commit_through_the_app_engine_is_refused ERROR*"])
     assert project.leftover_tables() == []
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, StaticPool
-from sqlalchemy.pool.base import _ConnectionRecord
+from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 from pytest_alchemy import dialects
 from pytest_alchemy.config import mask
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL, Connection
     from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, Dialect
-    from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
     from pytest_alchemy.sandbox import Sandbox
 
@@ -144,6 +144,38 @@ def _family(dialect: Dialect) -> str:
     return "mysql" if dialect.name == "mariadb" else dialect.name
 
 
+class _SandboxFairy(_ConnectionFairy):
+    """A checkout of a routed engine, for code that uses the DBAPI connection directly.
+
+    ``engine.raw_connection()`` hands this to the caller, whose ``cursor()``, ``commit()``
+    and ``rollback()`` would otherwise reach the test's connection unchecked: the first
+    cursor opens a savepoint, ``commit()`` releases it and ``rollback()`` returns to it.
+    SQLAlchemy's own Connection asks for its first cursor just before it begins (through the
+    dialect, which the route hooks), and that begin adopts the savepoint the cursor opened.
+    """
+
+    __slots__ = ()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> DBAPICursor:
+        route: Route = self._pool._route  # type: ignore[attr-defined]
+        ledger = route.sandbox.savepoints
+        with route.sandbox.lock:
+            if not ledger.holds(self):
+                ledger.open(self, self)
+                ledger.wrote(self, None)  # raw writes are not seen: assume there are some
+        return super().cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        route: Route = self._pool._route  # type: ignore[attr-defined]
+        with route.sandbox.lock:
+            route.sandbox.savepoints.release(self)
+
+    def rollback(self) -> None:
+        route: Route = self._pool._route  # type: ignore[attr-defined]
+        with route.sandbox.lock:
+            route.sandbox.savepoints.rollback(self)
+
+
 class _SandboxPool(Pool):
     """Hands every checkout the sandbox's DBAPI connection; never opens or closes one.
 
@@ -160,6 +192,13 @@ class _SandboxPool(Pool):
             dialect=route.engine.dialect,
         )
         self._route = route
+        self._checkouts: dict[int, _SandboxFairy] = {}
+
+    def connect(self) -> PoolProxiedConnection:
+        fairy = super().connect()
+        fairy.__class__ = _SandboxFairy  # same layout, three methods more
+        self._checkouts[id(fairy._connection_record)] = fairy  # type: ignore[assignment]
+        return fairy
 
     def _do_get(self) -> ConnectionPoolEntry:
         route = self._route
@@ -172,7 +211,14 @@ class _SandboxPool(Pool):
             raise
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._route.sandbox.gate.leave()
+        sandbox = self._route.sandbox
+        fairy = self._checkouts.pop(id(record), None)
+        try:
+            if fairy is not None and sandbox.savepoints.holds(fairy):
+                with sandbox.lock:  # closed without commit: the DBAPI discards the work
+                    sandbox.savepoints.rollback(fairy)
+        finally:
+            sandbox.gate.leave()
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
         pass  # the sandbox's connection outlives every checkout
@@ -300,6 +346,10 @@ class Route:
 
             return execute
 
+        def begin(fairy: PoolProxiedConnection) -> None:
+            if not ledger.adopt(fairy):
+                ledger.open(fairy, fairy)
+
         def locked(function: Callable[..., Any]) -> Callable[..., Any]:
             def run(*args: Any) -> Any:
                 with lock:
@@ -316,7 +366,9 @@ class Route:
             )
 
         hooks: dict[str, Callable[..., Any]] = {
-            "do_begin": locked(lambda fairy: ledger.open(fairy, fairy)),
+            # SQLAlchemy creates the statement's cursor before it autobegins, and that cursor
+            # opened the savepoint already (see _SandboxFairy): adopt it.
+            "do_begin": locked(begin),
             "do_commit": locked(ledger.release),
             "do_rollback": locked(ledger.rollback),
             "do_savepoint": locked(

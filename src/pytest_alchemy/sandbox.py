@@ -301,9 +301,24 @@ class Savepoints:
     def _find(self, owner: object) -> int | None:
         stack = self._stack
         for index in range(len(stack) - 1, -1, -1):
-            if stack[index].owner == owner:
+            if stack[index].live and stack[index].owner == owner:
                 return index
         return None
+
+    def holds(self, owner: object) -> bool:
+        """Whether ``owner`` has a savepoint open."""
+        return self._find(owner) is not None
+
+    def adopt(self, owner: object) -> bool:
+        """Take over the savepoint ``owner`` opened for a raw cursor, if any (True).
+
+        Its writes are tracked from now on, so what was assumed of raw use is dropped.
+        """
+        index = self._find(owner)
+        if index is None:
+            return False
+        self._stack[index].writers.discard(id(self._stack[index].party))
+        return True
 
     def _run(self, method: str, name: str) -> None:
         connection = self._sandbox.connection
