@@ -10,7 +10,12 @@ For each backend x driver that answers, in one process and interleaved round by 
 - classic: the hand-written recipe (``engine.connect()``, ``begin()``, a ``create_savepoint``
   Session, the query, close, rollback, connection close);
 - untouched: a test that requests ``db_session`` and never uses it;
-- commit: the extra cost of each ``session.commit()`` inside a test.
+- commit: the extra cost of each ``session.commit()`` after a write inside a test (an INSERT
+  into a temporary table of the benchmark's own); a commit after reads only costs less,
+  since its savepoint is kept for the next transaction;
+- routed: a test whose one query goes through the application's own engine, routed into the
+  sandbox (``alchemy_engines``): ``Session(app_engine)``, the query, close; and routed/plugin,
+  its time over the plugin's.
 
 Overheads are (time - R) / R for a test that runs one query, so "1.0" means one round trip
 more than the query itself. Medians over many tests; the machine is shared, so read ratios.
@@ -34,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
-from pytest_alchemy import aio, dialects
+from pytest_alchemy import aio, dialects, routing
 from pytest_alchemy.sandbox import JOIN_MODE, ConnectionKeeper, Sandbox, close_session_after
 
 if TYPE_CHECKING:
@@ -55,6 +60,9 @@ ASYNC = {
     "mysql-asyncmy": MY.format(driver="asyncmy"),
 }
 COMMITS = 10
+# A table of the benchmark's own, on its kept connection only, gone when that closes.
+TEMP_TABLE = "CREATE TEMPORARY TABLE alchemy_bench (n INTEGER)"
+INSERT = "INSERT INTO alchemy_bench (n) VALUES (1)"
 
 
 def median_us(samples: list[float]) -> float:
@@ -70,6 +78,9 @@ def report(name: str, times: dict[str, list[float]]) -> None:
     line.append(f"untouched {median_us(times['untouched']) / r:4.2f} R")
     line.append(f"commit {median_us(times['commit']) / r:4.1f} R")
     line.append(f"plugin/classic {median_us(times['plugin']) / median_us(times['classic']):4.2f}")
+    routed = median_us(times["routed"])
+    line.append(f"routed {(routed - r) / r:4.1f} R")
+    line.append(f"routed/plugin {routed / median_us(times['plugin']):4.2f}")
     print("  ".join(line), flush=True)
 
 
@@ -115,33 +126,53 @@ def bench_sync(name: str, url: str, rounds: int) -> None:
             session.close()
             trans.rollback()
 
+    kept = keeper.acquire()
+    kept.exec_driver_sql(TEMP_TABLE)
+    kept.commit()
+    write = text(INSERT)
+
     def commits(session: Session) -> None:
         for _ in range(COMMITS):
-            session.execute(query).scalar()
+            session.execute(write)
             session.commit()
 
     def queries(session: Session) -> None:
         for _ in range(COMMITS):
+            session.execute(write)
+
+    app_engine = create_engine(url_obj, **options)  # the application's own, never connected
+
+    def routed() -> None:
+        sandbox = Sandbox(keeper.acquire())
+        sandbox.start()
+        routes = routing.Routes()
+        routes.add(app_engine, sandbox)
+        with Session(app_engine) as session:
             session.execute(query).scalar()
+        routes.stop()
+        sandbox.end()
 
     one_query = plugin_test(lambda s: s.execute(query).scalar())
     untouched = plugin_test(lambda s: None)
     with_commits, without_commits = plugin_test(commits), plugin_test(queries)
-    times: dict[str, list[float]] = {k: [] for k in ("R", "plugin", "classic", "untouched")}
+    keys = ("R", "plugin", "classic", "untouched", "routed")
+    times: dict[str, list[float]] = {k: [] for k in keys}
     commit_times: list[float] = []
     for _ in range(20):  # warm up caches, pools and statement caches
-        bare(), one_query(), classic(), untouched(), with_commits(), without_commits()
+        bare(), one_query(), classic(), untouched(), with_commits(), without_commits(), routed()
     for _ in range(rounds):
         times["R"].append(timed(bare))
         times["plugin"].append(timed(one_query))
         times["classic"].append(timed(classic))
         times["untouched"].append(timed(untouched))
+        times["routed"].append(timed(routed))
         commit_times.append((timed(with_commits) - timed(without_commits)) / COMMITS)
     times["commit"] = commit_times
     report(name, times)
     held.close()
     keeper.close()
     engine.dispose()
+    app_engine.dispose()
 
 
 async def bench_async(name: str, url: str, rounds: int) -> None:
@@ -184,32 +215,51 @@ async def bench_async(name: str, url: str, rounds: int) -> None:
     async def nothing(session: AsyncSession) -> None:
         return None
 
+    kept = await state.acquire()
+    await kept.exec_driver_sql(TEMP_TABLE)
+    await kept.commit()
+    write = text(INSERT)
+
     async def commits(session: AsyncSession) -> None:
         for _ in range(COMMITS):
-            (await session.execute(query)).scalar()
+            await session.execute(write)
             await session.commit()
 
     async def queries(session: AsyncSession) -> None:
         for _ in range(COMMITS):
+            await session.execute(write)
+
+    app_engine = create_async_engine(url_obj, **options)  # the application's own
+
+    async def routed() -> None:
+        sandbox = await aio.open_sandbox(await state.acquire())
+        routes = routing.Routes()
+        routes.add(app_engine.sync_engine, sandbox.core)
+        async with AsyncSession(app_engine) as session:
             (await session.execute(query)).scalar()
+        routes.stop()
+        await sandbox.end()
 
     one_query, untouched = plugin_test(one), plugin_test(nothing)
     with_commits, without_commits = plugin_test(commits), plugin_test(queries)
-    times: dict[str, list[float]] = {k: [] for k in ("R", "plugin", "classic", "untouched")}
+    keys = ("R", "plugin", "classic", "untouched", "routed")
+    times: dict[str, list[float]] = {k: [] for k in keys}
     commit_times: list[float] = []
     for _ in range(20):
-        for fn in (bare, one_query, classic, untouched, with_commits, without_commits):
+        for fn in (bare, one_query, classic, untouched, with_commits, without_commits, routed):
             await fn()
     for _ in range(rounds):
         times["R"].append(await atimed(bare))
         times["plugin"].append(await atimed(one_query))
         times["classic"].append(await atimed(classic))
         times["untouched"].append(await atimed(untouched))
+        times["routed"].append(await atimed(routed))
         commit_times.append((await atimed(with_commits) - await atimed(without_commits)) / COMMITS)
     times["commit"] = commit_times
     report(name, times)
     await held.close()
     await state.aclose()
+    await app_engine.dispose()
 
 
 def reachable(url: str) -> bool:
@@ -258,7 +308,11 @@ SUITES = {
     "without": ("", ""),
     "4 no-op fixtures": (CHAIN, "session, "),
     "with db_session": ("", "db_session, "),
+    "with db_session and a routed engine": ("", "db_session, "),
 }
+# The application module and ini of the last suite: its engine routed into every test.
+ROUTED_APP = "from sqlalchemy import create_engine\n\nengine = create_engine('sqlite://')\n"
+ROUTED_INI = "[pytest]\npythonpath = .\nalchemy_engines = app:engine\n"
 
 
 def bench_suite(count: int, repeats: int) -> None:
@@ -272,6 +326,9 @@ def bench_suite(count: int, repeats: int) -> None:
             folder.mkdir()
             source = SUITE_TEST.format(count=count, fixture=fixture, fixtures=fixtures)
             (folder / "test_suite.py").write_text(source)
+            if "routed" in list(SUITES)[index]:
+                (folder / "app.py").write_text(ROUTED_APP)
+                (folder / "pytest.ini").write_text(ROUTED_INI)
         for _ in range(repeats):
             for index, name in enumerate(SUITES):
                 command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

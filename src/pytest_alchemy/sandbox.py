@@ -285,8 +285,10 @@ class Savepoints:
 
     - releasing a savepoint with a live one above it is deferred until that one ends
       (``RELEASE`` would release both);
-    - rolling back a savepoint that holds no writes is free: nothing is undone, nothing above
-      it is disturbed (a read-only session closing late);
+    - rolling back a savepoint whose party wrote nothing is a release: nothing is undone,
+      nothing above it is disturbed (a read-only session closing late);
+    - a savepoint that ends holding no writes stays established for the next one to reuse, so
+      read-only transactions cost no round trips to end and begin;
     - rolling back one that does undoes everything written since it opened, by anyone; when
       that includes another party's work, :attr:`Sandbox.problem` says so and the test fails.
     """
@@ -326,9 +328,14 @@ class Savepoints:
         getattr(type(dialect), method)(dialect, connection, name)
 
     def open(self, owner: object, party: object) -> None:
-        entry = _Savepoint(owner, party, f"sa_savepoint_{len(self._stack) + 1}")
+        stack = self._stack
+        if stack and not stack[-1].live and not stack[-1].writers:
+            entry = stack[-1]  # established and clean: reused, no round trip
+            entry.owner, entry.party, entry.live = owner, party, True
+            return
+        entry = _Savepoint(owner, party, f"sa_savepoint_{len(stack) + 1}")
         self._run("do_savepoint", entry.name)
-        self._stack.append(entry)
+        stack.append(entry)
 
     def wrote(self, party: object, statement: str | None) -> None:
         """Note a statement of ``party`` (None: one that failed); a write lands on top.
@@ -345,20 +352,26 @@ class Savepoints:
             return  # rolled back already, with a savepoint below it
         self._stack[index].live = False
         if index == len(self._stack) - 1:
-            self._release_finished()
+            self._settle()
 
-    def _release_finished(self) -> None:
-        """RELEASE the finished savepoints at the top of the stack, in one statement."""
+    def _settle(self) -> None:
+        """Release the finished savepoints at the top of the stack, in one statement.
+
+        One finished savepoint that holds no writes is left established instead, for the
+        next one to reuse: a read-only transaction then costs no round trip to end, and the
+        next begin none to start.
+        """
         stack = self._stack
         low = len(stack)
         while low > 0 and not stack[low - 1].live:
             low -= 1
-        if low < len(stack):
-            self._run("do_release_savepoint", stack[low].name)
-            if low:  # what they held now belongs to the savepoint below
-                for entry in stack[low:]:
-                    stack[low - 1].writers |= entry.writers
-            del stack[low:]
+        if low == len(stack) or (low == len(stack) - 1 and not stack[low].writers):
+            return
+        self._run("do_release_savepoint", stack[low].name)
+        if low:  # what they held now belongs to the savepoint below
+            for entry in stack[low:]:
+                stack[low - 1].writers |= entry.writers
+        del stack[low:]
 
     def rollback(self, owner: object) -> None:
         index = self._find(owner)
@@ -374,13 +387,14 @@ class Savepoints:
             self.release(owner)
             return
         self._run("do_rollback_to_savepoint", entry.name)
-        # The savepoint itself stays established on the server, as after SQLAlchemy's own
-        # nested rollback; nothing returns to it, and a new one at this depth shadows it.
         undone = stack[index:]
         foreign = any(a.live for a in above) or any(
             writer != mine for a in undone for writer in a.writers
         )
-        del stack[index:]
+        # The savepoint stays established, and holds nothing now: kept for reuse.
+        del stack[index + 1 :]
+        entry.live = False
+        entry.writers = set()
         if foreign and self._sandbox.problem is None:
             self._sandbox.problem = (
                 "Two transactions were open at once on the test's connection (concurrent "
@@ -390,7 +404,7 @@ class Savepoints:
                 "close one session before another writes, or give such a test real commits "
                 "on connections of its own."
             )
-        self._release_finished()
+        self._settle()
 
     def clear(self) -> None:
         self._stack.clear()
