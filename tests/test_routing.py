@@ -851,3 +851,59 @@ def test_overlapping_transactions_keep_what_they_can_and_report_what_they_cannot
     result.stdout.fnmatch_lines(
         ["*test_a_rollback_that_undoes*ERROR*", "*Two transactions were open at once*"]
     )
+
+
+FLASK_FACTORY = """
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import func, select
+
+from models import Base, Item
+
+db = SQLAlchemy(model_class=Base)
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = APP_URL
+
+    @app.post("/items/<name>")
+    def create(name):
+        db.session.add(Item(name=name))
+        db.session.commit()
+        return {"count": db.session.scalar(select(func.count(Item.id)))}
+
+    db.init_app(app)
+    return app
+"""
+
+FLASK_FACTORY_TESTS = """
+import pytest
+import pytest_alchemy
+
+from factory import create_app, db
+
+
+@pytest.fixture(scope="session")
+def app():
+    app = create_app()
+    pytest_alchemy.route_engines(db)
+    return app
+
+
+def test_the_view_commits_into_the_sandbox(app):
+    client = app.test_client()
+    assert client.post("/items/a").json == {"count": 1}
+    assert client.post("/items/b").json == {"count": 2}
+
+
+def test_and_nothing_survives(app):
+    assert app.test_client().post("/items/c").json == {"count": 1}
+"""
+
+
+def test_a_flask_app_factory_routed_with_route_engines(sync_backend: Project) -> None:
+    _app(sync_backend, FLASK_FACTORY, "factory")
+    sync_backend.ini()
+    sync_backend.tests(FLASK_FACTORY_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)

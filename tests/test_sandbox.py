@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conftest import collected_ids
+from sqlalchemy import text
 
 if TYPE_CHECKING:
     from conftest import Project
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session
 
 # Every test starts by asserting the table is empty, and runs twice: a leak from any test
 # (or from the first round of the same test) fails the next one.
@@ -297,3 +300,31 @@ def test_ddl_in_a_test_is_rolled_back_or_refused(sync_project: Project) -> None:
         sync_project.tests(DDL)
         sync_project.run().assert_outcomes(passed=2)
     assert sync_project.leftover_tables() == []
+
+
+def test_a_read_only_commit_keeps_its_savepoint_for_the_next_transaction(
+    db_session: Session, db_connection: Connection
+) -> None:
+    from sqlalchemy import event, select
+
+    sent: list[str] = []
+
+    def record(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(db_connection, "before_cursor_execute", record)
+    try:
+        for _ in range(3):
+            db_session.execute(select(1))
+            db_session.commit()
+        db_session.execute(text("CREATE TEMPORARY TABLE alchemy_scratch (n INTEGER)"))
+        db_session.commit()  # wrote something: released for real
+        db_session.execute(select(1))
+    finally:
+        event.remove(db_connection, "before_cursor_execute", record)
+    savepoints = [s for s in sent if "SAVEPOINT" in s]
+    assert savepoints == [
+        "SAVEPOINT sa_savepoint_1",
+        "RELEASE SAVEPOINT sa_savepoint_1",
+        "SAVEPOINT sa_savepoint_1",
+    ]

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 import pytest_alchemy
-from pytest_alchemy import AlchemyError, SandboxBrokenError
+from pytest_alchemy import AlchemyError, SandboxBrokenError, UnsandboxedEngineError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import (
         AsyncConnection,
@@ -42,6 +44,12 @@ async def test_async(
         assert await other.scalar(select(1)) == value
 
 
+def test_routed(db_route: Callable[..., None], db_engine: Engine) -> None:
+    db_route(db_engine)
+    pytest_alchemy.route_engines(db_engine)
+
+
 def catches(exc: Exception) -> bool:
     version: str = pytest_alchemy.__version__
-    return bool(version) and isinstance(exc, (AlchemyError, SandboxBrokenError))
+    errors = (AlchemyError, SandboxBrokenError, UnsandboxedEngineError)
+    return bool(version) and isinstance(exc, errors)
