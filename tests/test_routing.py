@@ -168,6 +168,19 @@ def test_raw_dbapi_connection_commits_and_rolls_back_in_the_sandbox():
     assert app.names() == ["raw"]
 
 
+def test_an_isolation_level_is_moot_but_autocommit_is_refused():
+    from pytest_alchemy import UnsandboxedEngineError
+
+    with app.engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+        conn.execute(insert(Item).values(name="serializable"))
+        conn.commit()
+    assert app.names() == ["serializable"]
+    with app.engine.connect() as conn:
+        with pytest.raises(UnsandboxedEngineError, match="AUTOCOMMIT"):
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+    assert app.names() == ["serializable"]
+
+
 def test_raw_commit_through_the_app_engine_is_refused():
     from pytest_alchemy import SandboxBrokenError
 
@@ -192,7 +205,7 @@ def test_module_level_engine_and_sessionmaker_join_the_sandbox(
     project.tests(SYNC_TESTS)
     result = project.run("-v")
     # The raw COMMIT is refused in the test, and the refusal fails that test at teardown.
-    result.assert_outcomes(passed=8, errors=1)
+    result.assert_outcomes(passed=9, errors=1)
     result.stdout.fnmatch_lines(["*test_raw_commit_through_the_app_engine_is_refused ERROR*"])
     assert project.leftover_tables() == []
 

@@ -320,19 +320,23 @@ def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list
     __tracebackhide__ = True
     sync_sandbox: Sandbox | None = None
     async_sandbox: Sandbox | None = None
+    paused = request.config.stash[_ROUTER].escapes.paused  # db_route() may provision
     for obj in objects:
         for engine, is_async in routing.engines_of(obj):
             if routes.routed(engine):
                 continue
             if not is_async:
                 if sync_sandbox is None:
-                    sync_sandbox = _sandbox(sandbox_of(request.getfixturevalue("db_connection")))
+                    with paused():
+                        connection = request.getfixturevalue("db_connection")
+                    sync_sandbox = _sandbox(sandbox_of(connection))
                 routes.add(engine, sync_sandbox)
             elif _is_async_test(request):
                 if async_sandbox is None:
                     from pytest_alchemy import aio
 
-                    connection = request.getfixturevalue("async_db_connection")
+                    with paused():
+                        connection = request.getfixturevalue("async_db_connection")
                     async_sandbox = _sandbox(aio.sandbox_of(connection), "async_")
                 routes.add(engine, async_sandbox)
             else:

@@ -297,6 +297,10 @@ class Savepoints:
         self._sandbox = sandbox
         self._stack: list[_Savepoint] = []
 
+    @property
+    def lock(self) -> threading.RLock:
+        return self._sandbox.lock
+
     def __len__(self) -> int:
         return len(self._stack)
 
@@ -463,62 +467,52 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
         if ledger is None:
             cls.do_savepoint(dialect, connection, name)
         else:
-            ledger.open((connection, name), connection.connection)
+            with ledger.lock:
+                ledger.open((connection, name), connection.connection)
 
     def do_release_savepoint(connection: Connection, name: str) -> None:
         ledger = _ledger(connection)
         if ledger is None:
             cls.do_release_savepoint(dialect, connection, name)
         else:
-            ledger.release((connection, name))
+            with ledger.lock:
+                ledger.release((connection, name))
 
     def do_rollback_to_savepoint(connection: Connection, name: str) -> None:
         ledger = _ledger(connection)
         if ledger is None:
             cls.do_rollback_to_savepoint(dialect, connection, name)
         else:
-            ledger.rollback((connection, name))
+            with ledger.lock:
+                ledger.rollback((connection, name))
 
-    def noted(context: ExecutionContext | None, statement: str | None) -> None:
-        connection = getattr(context, "root_connection", None)
-        ledger = _ledger(connection) if connection is not None else None
-        if ledger is not None:
-            ledger.wrote(connection.connection, statement)  # type: ignore[union-attr]
+    def executing(method: str) -> Callable[..., None]:
+        run = getattr(cls, method)
 
-    def do_execute(
-        cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
-    ) -> None:
-        noted(context, statement)
-        try:
-            cls.do_execute(dialect, cursor, statement, parameters, context)
-        except BaseException:
-            noted(context, None)
-            raise
+        def execute(cursor: DBAPICursor, statement: str, *args: Any) -> None:
+            context = args[-1] if args else None
+            connection = getattr(context, "root_connection", None)
+            ledger = _ledger(connection) if connection is not None else None
+            if ledger is None:
+                run(dialect, cursor, statement, *args)
+                return
+            party = connection.connection  # type: ignore[union-attr]
+            with ledger.lock:  # the application's threads may share the connection
+                ledger.wrote(party, statement)
+                try:
+                    run(dialect, cursor, statement, *args)
+                except BaseException:
+                    ledger.wrote(party, None)
+                    raise
 
-    def do_execute_no_params(cursor: DBAPICursor, statement: str, context: Any = None) -> None:
-        noted(context, statement)
-        try:
-            cls.do_execute_no_params(dialect, cursor, statement, context)
-        except BaseException:
-            noted(context, None)
-            raise
-
-    def do_executemany(
-        cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
-    ) -> None:
-        noted(context, statement)
-        try:
-            cls.do_executemany(dialect, cursor, statement, parameters, context)
-        except BaseException:
-            noted(context, None)
-            raise
+        return execute
 
     dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
     dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
     dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
-    dialect.do_execute = do_execute  # type: ignore[method-assign]
-    dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
-    dialect.do_executemany = do_executemany  # type: ignore[method-assign]
+    dialect.do_execute = executing("do_execute")  # type: ignore[method-assign]
+    dialect.do_execute_no_params = executing("do_execute_no_params")  # type: ignore[method-assign]
+    dialect.do_executemany = executing("do_executemany")  # type: ignore[method-assign]
 
 
 def _ledger(connection: Connection) -> Savepoints | None:
