@@ -23,9 +23,17 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 # pytester's in-process runs drop the modules first imported inside them; importing a driver's
-# C extension a second time crashed asyncpg (a segfault in its SSL negotiation). Loading the
-# drivers here keeps them loaded across runs.
+# C extension a second time crashed asyncpg (a segfault in its SSL negotiation), and importing
+# sqlalchemy.orm a second time fails ("Type <class 'object'> is already registered"). Loading
+# them here keeps them loaded across runs; the web frameworks only to save re-importing them
+# (not sqlmodel: its one global MetaData must start empty in each run).
 for _driver in (
+    "sqlalchemy.orm",
+    "sqlalchemy.ext.asyncio",
+    "fastapi",
+    "flask",
+    "flask_sqlalchemy",
+    "httpx",
     "ssl",
     "asyncpg",
     "psycopg",

@@ -423,7 +423,7 @@ def test_sync_fastapi_app_through_testclient(
     project.ini("alchemy_engines = app:SessionLocal\n")
     project.tests(FASTAPI_SYNC_TESTS)
     # Starlette 1.x asks for httpx2, which needs Python 3.11+.
-    project.run("-W", "ignore:Using `httpx`:DeprecationWarning").assert_outcomes(passed=3)
+    project.run("-W", "ignore:Using `httpx`:UserWarning").assert_outcomes(passed=3)
 
 
 FLASK_APP = """
