@@ -920,3 +920,66 @@ def test_a_flask_app_factory_routed_with_route_engines(sync_backend: Project) ->
     sync_backend.ini()
     sync_backend.tests(FLASK_FACTORY_TESTS)
     sync_backend.run().assert_outcomes(passed=2)
+
+
+ROUTED_LOOP_CONFIGS = [
+    ("pytest-asyncio-function-loops", "function", "pytestmark = pytest.mark.asyncio", ()),
+    ("pytest-asyncio-auto", "session", "", ("-o", "asyncio_mode=auto")),
+    (
+        "anyio",
+        "",
+        "pytestmark = pytest.mark.anyio\n\n\n"
+        '@pytest.fixture(scope="session")\ndef anyio_backend():\n    return "asyncio"\n',
+        ("-p", "no:asyncio"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("scopes", "marks", "args"),
+    [c[1:] for c in ROUTED_LOOP_CONFIGS],
+    ids=[c[0] for c in ROUTED_LOOP_CONFIGS],
+)
+def test_async_engines_are_routed_under_every_loop_configuration(
+    scratch_databases: dict[str, str],
+    pytester: pytest.Pytester,
+    scopes: str,
+    marks: str,
+    args: tuple[str, ...],
+) -> None:
+    driver = _subset(ASYNC_DRIVERS, "postgresql-asyncpg")[0]
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, ASYNC_APP)
+    project.ini("alchemy_engines = app:SessionLocal\n", loop_scopes=scopes)
+    project.tests(ASYNC_TESTS.replace("pytestmark = pytest.mark.asyncio", marks))
+    project.run(*args, subprocess=True).assert_outcomes(passed=5)
+
+
+ASYNC_ESCAPE_TESTS = """
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from models import Item
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_an_async_commit_around_the_sandbox_fails_the_test(async_db_engine):
+    engine = create_async_engine(async_db_engine.url)
+    async with engine.begin() as conn:
+        await conn.execute(insert(Item).values(name="escaped"))
+    async with engine.begin() as conn:
+        await conn.execute(Item.__table__.delete())
+    await engine.dispose()
+"""
+
+
+def test_an_async_commit_through_an_unrouted_engine_fails(async_backend: Project) -> None:
+    async_backend.ini()
+    async_backend.tests(ASYNC_ESCAPE_TESTS)
+    result = async_backend.run()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*UnsandboxedEngineError: * committed to the test database outside the test's sandbox*"]
+    )
