@@ -336,14 +336,8 @@ class Route:
             def execute(cursor: DBAPICursor, statement: str, *args: Any) -> None:
                 context = args[-1] if args else None
                 party = getattr(getattr(context, "root_connection", None), "connection", None)
-                with lock:
-                    guard(statement)
-                    ledger.wrote(party, statement)
-                    try:
-                        run(dialect, cursor, statement, *args)
-                    except BaseException:
-                        ledger.wrote(party, None)
-                        raise
+                guard(statement)
+                ledger.execute(party, statement, lambda: run(dialect, cursor, statement, *args))
 
             return execute
 

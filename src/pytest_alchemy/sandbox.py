@@ -350,6 +350,16 @@ class Savepoints:
         if self._stack and (statement is None or not _READS.match(statement)):
             self._stack[-1].writers.add(id(party))
 
+    def execute(self, party: object, statement: str, run: Callable[[], None]) -> None:
+        """Run ``party``'s statement under the lock (threads may share the connection)."""
+        with self.lock:
+            self.wrote(party, statement)
+            try:
+                run()
+            except BaseException:
+                self.wrote(party, None)
+                raise
+
     def release(self, owner: object) -> None:
         index = self._find(owner)
         if index is None:
@@ -496,14 +506,11 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
             if ledger is None:
                 run(dialect, cursor, statement, *args)
                 return
-            party = connection.connection  # type: ignore[union-attr]
-            with ledger.lock:  # the application's threads may share the connection
-                ledger.wrote(party, statement)
-                try:
-                    run(dialect, cursor, statement, *args)
-                except BaseException:
-                    ledger.wrote(party, None)
-                    raise
+            ledger.execute(
+                connection.connection,  # type: ignore[union-attr]
+                statement,
+                lambda: run(dialect, cursor, statement, *args),
+            )
 
         return execute
 
