@@ -472,29 +472,18 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
     dialect._alchemy_hooked = True  # type: ignore[attr-defined]
     cls = type(dialect)
 
-    def do_savepoint(connection: Connection, name: str) -> None:
-        ledger = _ledger(connection)
-        if ledger is None:
-            cls.do_savepoint(dialect, connection, name)
-        else:
-            with ledger.lock:
-                ledger.open((connection, name), connection.connection)
+    def savepoint(method: str, op: Callable[[Savepoints, Connection, str], None]) -> Any:
+        run = getattr(cls, method)
 
-    def do_release_savepoint(connection: Connection, name: str) -> None:
-        ledger = _ledger(connection)
-        if ledger is None:
-            cls.do_release_savepoint(dialect, connection, name)
-        else:
-            with ledger.lock:
-                ledger.release((connection, name))
+        def hook(connection: Connection, name: str) -> None:
+            ledger = _ledger(connection)
+            if ledger is None:
+                run(dialect, connection, name)
+            else:
+                with ledger.lock:
+                    op(ledger, connection, name)
 
-    def do_rollback_to_savepoint(connection: Connection, name: str) -> None:
-        ledger = _ledger(connection)
-        if ledger is None:
-            cls.do_rollback_to_savepoint(dialect, connection, name)
-        else:
-            with ledger.lock:
-                ledger.rollback((connection, name))
+        return hook
 
     def executing(method: str) -> Callable[..., None]:
         run = getattr(cls, method)
@@ -514,9 +503,15 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
 
         return execute
 
-    dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
-    dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
-    dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+    dialect.do_savepoint = savepoint(  # type: ignore[method-assign]
+        "do_savepoint", lambda ledger, conn, name: ledger.open((conn, name), conn.connection)
+    )
+    dialect.do_release_savepoint = savepoint(  # type: ignore[method-assign]
+        "do_release_savepoint", lambda ledger, conn, name: ledger.release((conn, name))
+    )
+    dialect.do_rollback_to_savepoint = savepoint(  # type: ignore[method-assign]
+        "do_rollback_to_savepoint", lambda ledger, conn, name: ledger.rollback((conn, name))
+    )
     dialect.do_execute = executing("do_execute")  # type: ignore[method-assign]
     dialect.do_execute_no_params = executing("do_execute_no_params")  # type: ignore[method-assign]
     dialect.do_executemany = executing("do_executemany")  # type: ignore[method-assign]
