@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import (
@@ -113,11 +112,35 @@ def test_suffix_and_name_settings(project: Project) -> None:
     assert project.leftover_tables() == []
 
 
+def _dead_pid() -> int:
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(finished.stdout)
+
+
 def _create_foreign(
-    url_text: str, name: str, *, marker: bool, table: bool, pid: int | None = None
+    url_text: str,
+    name: str,
+    *,
+    marker: bool,
+    table: bool,
+    pid: int | None = None,
+    legacy: bool = False,
+    **holder: Any,
 ) -> None:
-    """Make a database the plugin will find under its test database's name."""
+    """Make a database the plugin will find under its test database's name.
+
+    With ``marker``, it is marked as held by a run of ``pid`` (by default one that is gone) on
+    this host; ``holder`` overrides marker columns (host, heartbeat, adopted, ...). ``legacy``
+    writes the marker of older releases, which did not say who holds the database.
+    """
     from sqlalchemy.engine import make_url
+
+    from pytest_alchemy import databases, ownership
 
     url = make_url(url_text)
     if url.get_backend_name() != "sqlite":
@@ -133,18 +156,18 @@ def _create_foreign(
         if table:
             conn.execute(text("CREATE TABLE precious (id INTEGER PRIMARY KEY)"))
             conn.execute(text("INSERT INTO precious VALUES (42)"))
-        if marker:
+        if marker and legacy:
             conn.execute(
                 text(
                     "CREATE TABLE pytest_alchemy_marker "
                     "(run_id VARCHAR(32), host VARCHAR(255), pid INTEGER)"
                 )
             )
-        if pid is not None:
-            conn.execute(
-                text("INSERT INTO pytest_alchemy_marker VALUES ('earlier', :host, :pid)"),
-                {"host": socket.gethostname(), "pid": pid},
-            )
+        elif marker:
+            databases._marker.create(conn)
+            values = ownership.Owner("earlier", pid or _dead_pid()).marker_values()
+            values.update(started=None, **holder)
+            conn.execute(databases._marker.insert().values(**values))
     engine.dispose()
 
 
@@ -176,7 +199,10 @@ def test_a_database_without_the_marker_that_holds_tables_is_refused(project: Pro
         result = project.run()
         result.assert_outcomes(errors=4)
         result.stdout.fnmatch_lines(
-            ["*ProvisioningError: The test database * already exists and holds tables (precious)*"]
+            [
+                "*ProvisioningError: The test database * already exists and holds objects "
+                "(table *precious)*"
+            ]
         )
         from sqlalchemy.engine import make_url
 
@@ -362,13 +388,7 @@ def test_reuse_skips_the_build_until_the_schema_changes(seeded_project: Project)
 def test_databases_left_by_dead_runs_are_swept_and_nothing_else(project: Project) -> None:
     url, name = _foreign_name(project)
     stem, dot, ext = name.partition(".")
-    finished = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead_pid = int(finished.stdout)
+    dead_pid = _dead_pid()
     dead, alive, foreign = (f"{stem}_{part}{dot}{ext}" for part in ("gw7", "gw8", "gw9"))
     _create_foreign(url, dead, marker=True, table=True, pid=dead_pid)
     _create_foreign(url, alive, marker=True, table=True, pid=os.getpid())
@@ -406,5 +426,5 @@ def test_looking_at_a_vanished_sqlite_file_does_not_create_it(tmp_path: Path, dr
 
     gone = tmp_path / "test_app_gw1.sqlite3"
     with pytest.raises(Exception, match="unable to open database file"):
-        databases._tables(make_url(f"{driver}:///{gone}"))
+        databases._objects(make_url(f"{driver}:///{gone}"))
     assert not gone.exists()

@@ -54,6 +54,7 @@ SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
 RUN_ID_KEY = "alchemy_run_id"
+RUN_PID_KEY = "alchemy_run_pid"
 _NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -92,6 +93,7 @@ class Settings:
     run_id: str = ""  # shared by the xdist controller with its workers
     engines: tuple[str, ...] = ()  # the application's engines routed into every sandbox
     block_unsandboxed: bool = False
+    run_pid: int = 0  # the process that started the run (the xdist controller)
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -156,6 +158,7 @@ def resolve(config: pytest.Config) -> Settings:
         workerinput.get(RUN_ID_KEY) or uuid.uuid4().hex,
         validate_import_paths(ENGINES_INI, config.getini(ENGINES_INI)),
         bool(config.getini(BLOCK_INI)),
+        int(workerinput.get(RUN_PID_KEY) or os.getpid()),
     )
 
 

@@ -1,56 +1,60 @@
-"""Test databases: derive their names, create them, mark them as ours, drop them.
+"""Test databases: derive their names, create them, mark who holds them, drop them.
 
 ``alchemy_url`` names a server and a base database (``.../myapp``); the tests run on a
 database derived from it, ``test_myapp`` (``alchemy_test_database`` overrides the name),
 with ``_<suffix>`` for ``alchemy_database_suffix`` and ``_<worker>`` under pytest-xdist
 (``test_myapp_gw0``). A SQLite file ``app.db`` becomes ``test_app.db`` beside it. The base
-database itself is never used, changed or dropped.
+database itself, and the server's system databases, are never used, changed or dropped.
 
-Every database the plugin creates gets a marker table naming the run that made it. The plugin
-only ever drops a database that has its marker and the name it derived itself. It adopts an
-existing database of that name only when it is empty; one that holds tables but no marker is
-refused.
+Every database the plugin creates, adopts or reuses gets marker rows naming the run that holds
+it (see :mod:`pytest_alchemy.ownership`). The plugin only ever drops a database that has its
+marker, the name it derived itself, and whose holder is this run, or a run that is provably
+gone. It adopts an existing database of that name only when it holds no user object at all
+(see :mod:`pytest_alchemy.inventory`), marks it as adopted, and never drops it: it removes only
+the objects it recorded creating there. A database held by another live run is left alone,
+and this run works on names of its own (``test_myapp_r1a2b3c4d``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 import re
 import shutil
-import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
+    Float,
     Integer,
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     inspect,
     select,
+    update,
 )
 from sqlalchemy import text as sql
 from sqlalchemy.pool import NullPool
 
-from pytest_alchemy import dialects
+from pytest_alchemy import dialects, inventory, ownership
 from pytest_alchemy.config import mask
 from pytest_alchemy.errors import ProvisioningError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Iterator
+    from collections.abc import Callable, Coroutine
 
     from sqlalchemy.engine import URL, Connection
+
+    from pytest_alchemy.ownership import Owner
 
 T = TypeVar("T")
 
@@ -64,7 +68,18 @@ _marker = Table(
     Column("created_at", DateTime),
     Column("host", String(255)),
     Column("pid", Integer),
+    Column("started", Float),  # the run's process start time: a reused pid is another process
+    Column("heartbeat", DateTime),
+    Column("adopted", Boolean),  # it existed before us: never dropped, only emptied
+    Column("objects", Text),  # in an adopted database, what we created there (JSON)
+    Column("released", DateTime),  # kept for reuse, and no longer held by its run
 )
+
+#: Databases no test may run on, whatever the configuration says.
+RESERVED = {
+    "postgresql": {"postgres", "template0", "template1"},
+    "mysql": {"mysql", "information_schema", "performance_schema", "sys"},
+}
 
 
 @dataclass(frozen=True)
@@ -75,14 +90,20 @@ class Naming:
     suffix: str | None = None  # alchemy_database_suffix
     worker: str | None = None  # pytest-xdist worker id (gw0, gw1, ...)
     template: bool = False  # the run's template, which the workers' databases are cloned from
+    run: str | None = None  # "r" + the run id's start: names of our own, the usual ones busy
 
     def derive(self, base: str) -> str:
         name = self.name or f"test_{base}"
         last = "template" if self.template else self.worker
-        for part in (self.suffix, last):
+        for part in (self.suffix, self.run, last):
             if part:
                 name = f"{name}_{part}"
         return name
+
+
+def run_part(run_id: str) -> str:
+    """The name part of a run's own databases, when the usual names are another run's."""
+    return f"r{run_id[:8]}"
 
 
 def derive_test_url(url: URL, naming: Naming) -> URL:
@@ -106,6 +127,13 @@ def derive_test_url(url: URL, naming: Naming) -> URL:
             f"The plugin creates and drops its test database, so it must be another one: "
             f"choose a different alchemy_test_database."
         )
+    family = "mysql" if url.get_backend_name() in ("mysql", "mariadb") else "postgresql"
+    if name.lower() in RESERVED[family]:
+        raise ProvisioningError(
+            f"alchemy_test_database = {name!r} is a system database of the server. The plugin "
+            f"creates, fills and drops its test database, so it must be one of its own: choose "
+            f"another name (the default is 'test_' + the database named in alchemy_url)."
+        )
     return url.set(database=name)
 
 
@@ -115,12 +143,15 @@ def run_with_connection(url: URL, fn: Callable[[Connection], T], *, autocommit: 
     An async URL runs on a private event loop in a thread, so this works from inside a running
     loop as well as at session end, and needs no sync driver.
     """
+    from pytest_alchemy.routing import OWN_ENGINES  # its commits are the plugin's, not escapes
+
     url, options = dialects.engine_options(url)
     options["poolclass"] = NullPool
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
     if not dialects.is_async(url):
         engine = create_engine(url, **options)
+        OWN_ENGINES.add(engine)
         try:
             with engine.connect() as conn:
                 result = fn(conn)
@@ -134,6 +165,7 @@ def run_with_connection(url: URL, fn: Callable[[Connection], T], *, autocommit: 
         from sqlalchemy.ext.asyncio import create_async_engine
 
         engine = create_async_engine(url, **options)
+        OWN_ENGINES.add(engine.sync_engine)
         try:
             async with engine.connect() as conn:
                 result = await conn.run_sync(fn)
@@ -170,9 +202,18 @@ class ProvisionedDatabase:
 
     url: URL
     created: bool  # this run created it: drop the whole database at the end
-    adopted: bool  # it existed, empty: drop only the marker (and the tables we built)
+    adopted: bool  # it existed, empty: remove only what we created in it, and our marker
     recipe: Recipe | None = None
     kept: bool = False  # reused, or made to be reused: left in place at the end
+
+
+class Busy(Exception):
+    """The database is held by another run that is alive: it must not be touched."""
+
+    def __init__(self, url: URL, holder: dict[str, Any]) -> None:
+        self.url = url
+        self.holder = ownership.describe_holder(holder)
+        super().__init__(f"{mask(url)} is in use by {self.holder}")
 
 
 class _Server:
@@ -243,27 +284,94 @@ def _looking(url: URL) -> URL:
     )
 
 
-def _tables(url: URL) -> list[str]:
-    return run_with_connection(
-        _looking(url), lambda c: inspect(c).get_table_names(), autocommit=True
-    )
+@dataclass
+class _Found:
+    """What an existing database holds: user objects besides the marker, and marker rows."""
+
+    objects: list[inventory.Object]
+    rows: list[dict[str, Any]] | None  # None: no marker table
+    columns: set[str]
+
+    @property
+    def marked(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def legible(self) -> bool:
+        """Whether the marker says who holds the database (older releases' markers did not)."""
+        return bool(self.rows) and "adopted" in self.columns
+
+    @property
+    def holder(self) -> dict[str, Any]:
+        assert self.rows
+        return self.rows[-1]
+
+    @property
+    def adopted(self) -> bool:
+        return any(row.get("adopted") for row in self.rows or ())
+
+    @property
+    def recorded(self) -> list[inventory.Object]:
+        """What the plugin created in an adopted database."""
+        for row in reversed(self.rows or []):
+            if row.get("objects"):
+                return inventory.loads(row["objects"])
+        return []
 
 
-def _write_marker(conn: Connection, run_id: str, fingerprint: str | None) -> None:
+def _look(url: URL) -> _Found:
+    def read(conn: Connection) -> _Found:
+        found = inventory.objects(conn, skip=MARKER_TABLE)
+        if not inspect(conn).has_table(MARKER_TABLE):
+            return _Found(found, None, set())
+        columns = {c["name"] for c in inspect(conn).get_columns(MARKER_TABLE)}
+        rows = [dict(r) for r in conn.execute(select(sql("*")).select_from(_marker)).mappings()]
+        rows.sort(key=lambda row: row.get("id") or 0)
+        return _Found(found, rows, columns)
+
+    return run_with_connection(_looking(url), read, autocommit=True)
+
+
+def _objects(url: URL) -> list[inventory.Object]:
+    """Every user object in the database at ``url``, the marker included."""
+    return run_with_connection(_looking(url), inventory.objects, autocommit=True)
+
+
+def _write_marker(
+    conn: Connection,
+    owner: Owner,
+    fingerprint: str | None,
+    *,
+    adopted: bool = False,
+    objects: str | None = None,
+    fresh: bool = False,
+) -> None:
+    """Record ``owner`` as the holder; ``fresh`` first removes rows a clone copied."""
     _marker.create(conn, checkfirst=True)
+    if fresh:
+        conn.execute(_marker.delete())
     conn.execute(
         _marker.insert().values(
-            run_id=run_id,
-            fingerprint=fingerprint,
-            created_at=datetime.now(timezone.utc).replace(tzinfo=None),
-            host=socket.gethostname()[:255],
-            pid=os.getpid(),
+            **owner.marker_values(), fingerprint=fingerprint, adopted=adopted, objects=objects
         )
     )
 
 
-def _mark(url: URL, run_id: str, fingerprint: str | None) -> None:
-    run_with_connection(url, lambda c: _write_marker(c, run_id, fingerprint), autocommit=False)
+def _mark(url: URL, owner: Owner, fingerprint: str | None, *, fresh: bool = False) -> None:
+    run_with_connection(
+        url, lambda c: _write_marker(c, owner, fingerprint, fresh=fresh), autocommit=False
+    )
+
+
+def beat(url: URL, run_id: str) -> None:
+    """The heartbeat of a live run on a database it holds."""
+
+    def touch(conn: Connection) -> None:
+        conn.execute(
+            update(_marker).where(_marker.c.run_id == run_id).values(heartbeat=ownership.now())
+        )
+
+    run_with_connection(url, touch, autocommit=False)
 
 
 @dataclass(frozen=True)
@@ -271,28 +379,28 @@ class Recipe:
     """What fills a new test database (schema and seed rows), and its fingerprint."""
 
     fill: Callable[[Connection], None]
-    empty: Callable[[Connection], None]  # undo fill (for a database we adopted, not created)
+    empty: Callable[[Connection], None]  # undo fill (for the default file, not provisioned)
     fingerprint: str
     describe: str  # for the progress line: "the schema of myapp.models:Base (12 tables)"
     #: Runs before ``fill`` with the database's URL, on connections of its own (Alembic).
     migrate: Callable[[URL], None] | None = None
 
-    def apply(self, url: URL, run_id: str | None = None) -> None:
-        """Fill the database at ``url``; with ``run_id``, mark it as ours in the same go."""
+    def apply(self, url: URL, then: Callable[[Connection], None] | None = None) -> None:
+        """Fill the database at ``url``; ``then`` runs in the same transaction (the marker)."""
         if self.migrate is not None:
             self.migrate(url)
 
         def fill(conn: Connection) -> None:
             self.fill(conn)
-            if run_id is not None:
-                _write_marker(conn, run_id, self.fingerprint)
+            if then is not None:
+                then(conn)
 
         run_with_connection(url, fill, autocommit=False)
 
 
 def provision(
     target: URL,
-    run_id: str,
+    owner: Owner,
     *,
     recipe: Recipe | None = None,
     template: URL | None = None,
@@ -300,41 +408,39 @@ def provision(
     reuse: bool = False,
     recreate: bool = False,
 ) -> ProvisionedDatabase:
-    """Create (or adopt, if empty) the test database ``target`` and mark it.
+    """Create (or adopt, if empty) the test database ``target`` and mark it as ``owner``'s.
 
     With a recipe the database is filled once per run: into ``template``, built if this run
     has not built it yet, then cloned for each worker. Workers take turns through a lock, so
     the template is built by the first and only cloned by the others.
 
     With ``reuse``, a database (or template) of ours whose recorded fingerprint matches the
-    recipe's is used as it is, and kept at the end; one that does not match is rebuilt.
-    ``recreate`` rebuilds in any case (and, with ``reuse``, keeps the result).
+    recipe's, and whose holder is gone, is used as it is, and kept at the end; one that does
+    not match is rebuilt. ``recreate`` rebuilds in any case (and, with ``reuse``, keeps the
+    result). Raises :class:`Busy` when ``target`` or ``template`` is another live run's.
     """
     if dialects.is_memory(target):
         return ProvisionedDatabase(target, created=False, adopted=False)
     server = _server(target)
     fingerprint = recipe.fingerprint if recipe is not None else None
-    with _file_lock(template or target):
+    with ownership.file_lock(template or target):
         trust = reuse and not recreate
-        state = _claim(target, server, fingerprint if trust else _NO_REUSE)
+        state = _claim(target, server, owner, fingerprint if trust else _NO_REUSE)
         if state == "reuse":
             report(f"reusing {mask(target)} (schema unchanged)")
             return ProvisionedDatabase(target, created=False, adopted=False, kept=True)
         if state == "adopt":
-            if recipe is not None:
-                _fill(target, recipe, run_id, report)
-            else:
-                _mark(target, run_id, None)
+            _adopt(target, recipe, owner, report)
             return ProvisionedDatabase(target, created=False, adopted=True, recipe=recipe)
         if recipe is not None and template is not None:
-            _ensure_template(template, recipe, run_id, report, reuse=trust)
+            _ensure_template(template, recipe, owner, report, reuse=trust)
         try:
             if recipe is None or template is None:
                 _create(target, server)
-                _mark(target, run_id, None)
+                _mark(target, owner, None)
             else:
                 _clone(template, target, server)
-                _mark(target, run_id, recipe.fingerprint)
+                _mark(target, owner, recipe.fingerprint, fresh=True)
         except BaseException:
             _drop_quietly(target, server)  # half made by us: leave nothing behind
             raise
@@ -360,147 +466,186 @@ def _create(url: URL, server: _Server | None) -> None:
         server.create(url.database or "")
 
 
-def _refuse(url: URL, tables: list[str]) -> None:
-    shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+def _refuse(url: URL, found: list[inventory.Object]) -> None:
     raise ProvisioningError(
-        f"The test database {mask(url)} already exists and holds tables ({shown}) but no "
-        f"pytest-alchemy marker, so it was not made by this plugin and is left alone. Drop it "
-        f"yourself if it is disposable, or choose another name with alchemy_test_database or "
-        f"alchemy_database_suffix."
+        f"The test database {mask(url)} already exists and holds objects "
+        f"({inventory.describe(found)}) but no pytest-alchemy marker, so it was not made by "
+        f"this plugin and is left alone. Drop it yourself if it is disposable, or choose "
+        f"another name with alchemy_test_database or alchemy_database_suffix."
+    )
+
+
+def _illegible(url: URL) -> ProvisioningError:
+    return ProvisioningError(
+        f"The test database {mask(url)} has a pytest-alchemy marker that does not say which "
+        f"run holds it (an older release wrote it, or a run was killed while marking it), so "
+        f"it is left alone. Drop it yourself if it is disposable, or choose another name with "
+        f"alchemy_test_database or alchemy_database_suffix."
     )
 
 
 _NO_REUSE = "no reuse"  # a fingerprint no database carries
 
 
-def _claim(url: URL, server: _Server | None, reusable: str | None) -> str:
-    """Make room for a database of ours at ``url``.
+def _claim(url: URL, server: _Server | None, owner: Owner, reusable: str | None) -> str:
+    """Make room for a database of ``owner``'s at ``url``.
 
-    Returns ``"absent"`` (create it), ``"adopt"`` (it exists, empty, not ours) or ``"reuse"``
-    (ours, and its last recorded fingerprint is ``reusable``).
+    Returns ``"absent"`` (create it), ``"adopt"`` (it exists and holds nothing, or held only
+    what an earlier run created in it, now removed), ``"reuse"`` (its last holder is gone, and
+    it was built with the fingerprint ``reusable``: ``owner`` now holds it) or ``"ours"``
+    (``owner``'s run holds it already). Raises :class:`Busy` if another live run holds it.
     """
     if not _exists(url, server):
         return "absent"
-    tables = _tables(url)
-    if MARKER_TABLE in tables:
-        markers = _markers(url)
-        if markers and markers[-1][1] == reusable:
-            return "reuse"
-        _drop(url, server)  # an earlier run's, left behind or built from another schema
-        return "absent"
-    if tables:
-        _refuse(url, tables)
-    return "adopt"
+    found = _look(url)
+    if not found.marked:
+        if found.objects:
+            _refuse(url, found.objects)
+        return "adopt"
+    if not found.legible:
+        raise _illegible(url)
+    holder = found.holder
+    if holder.get("run_id") == owner.run_id:
+        return "ours"
+    if ownership.holder_alive(holder, owner.run_id):
+        raise Busy(url, holder)
+    if holder.get("fingerprint") == reusable:
+        objects = inventory.dumps(found.recorded) if found.adopted else None
+        run_with_connection(
+            url,
+            lambda c: _write_marker(c, owner, reusable, adopted=found.adopted, objects=objects),
+            autocommit=False,
+        )
+        return "reuse"
+    if found.adopted:  # never dropped: what the earlier run created goes, the database stays
+        _empty_adopted(url, found.recorded)
+        left = _look(url)
+        if left.marked or left.objects:
+            _refuse(url, left.objects)
+        return "adopt"
+    _drop(url, server)  # an earlier run's, left behind or built from another schema
+    return "absent"
 
 
-def _marker_rows(url: URL) -> list[dict[str, Any]]:
-    def read(conn: Connection) -> list[dict[str, Any]]:
-        # Whatever columns the marker has (an older release may have written fewer).
-        rows = conn.execute(select(sql("*")).select_from(_marker)).mappings().all()
-        return sorted((dict(row) for row in rows), key=lambda row: row.get("id") or 0)
+def _adopt(url: URL, recipe: Recipe | None, owner: Owner, report: Callable[[str], None]) -> None:
+    """Fill an existing, empty database, recording what was created there.
 
-    return run_with_connection(_looking(url), read, autocommit=True)
+    The marker goes in first: if the run dies while filling, the next one knows the database
+    was adopted (and must not be dropped).
+    """
+    run_with_connection(
+        url, lambda c: _write_marker(c, owner, None, adopted=True), autocommit=False
+    )
+    if recipe is None:
+        return
 
+    def record(conn: Connection) -> None:
+        created = inventory.objects(conn, skip=MARKER_TABLE)
+        conn.execute(
+            update(_marker)
+            .where(_marker.c.run_id == owner.run_id)
+            .values(fingerprint=recipe.fingerprint, objects=inventory.dumps(created))
+        )
 
-def _markers(url: URL) -> list[tuple[str, str | None]]:
-    return [(str(row.get("run_id")), row.get("fingerprint")) for row in _marker_rows(url)]
-
-
-#: A database of ours whose run is gone but was not on this host counts as stale after this.
-STALE_AFTER = timedelta(days=2)
-
-
-def _stale(rows: list[dict[str, Any]], run_id: str) -> bool:
-    """Whether the run that made a database of ours is over (it crashed or was killed)."""
-    if not rows or any(row.get("run_id") == run_id for row in rows):
-        return False
-    last = rows[-1]
-    if last.get("host") == socket.gethostname()[:255] and isinstance(last.get("pid"), int):
-        return not _alive(last["pid"])
-    created = last.get("created_at")
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # as written by _write_marker
-    return isinstance(created, datetime) and now - created > STALE_AFTER
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+        _fill(url, recipe, report, record)
+    except BaseException:
+        with contextlib.suppress(Exception):  # it was empty: everything in it is ours
+            _empty_adopted(url, None)
+        raise
 
 
-def sweep(base: URL, naming: Naming, run_id: str) -> list[URL]:
-    """Drop the databases of earlier, dead runs that carry our marker and a name we derive.
+def _empty_adopted(url: URL, recorded: list[inventory.Object] | None) -> None:
+    """Remove what the plugin recorded creating in an adopted database, and its marker.
+
+    ``recorded`` None: everything but the marker (a fill that failed in a database that was
+    empty when we marked it).
+    """
+
+    def empty(conn: Connection) -> None:
+        objects = inventory.objects(conn, skip=MARKER_TABLE) if recorded is None else recorded
+        inventory.drop(conn, objects)
+        _marker.drop(conn, checkfirst=True)
+
+    run_with_connection(url, empty, autocommit=False)
+
+
+def sweep(base: URL, naming: Naming, owner: Owner) -> list[str]:
+    """Clear what earlier runs that are gone left behind under names we derive.
 
     ``base`` is the configured URL. Only names this plugin derives from it are looked at
-    (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``), and only those with the
-    marker are dropped, when the run that made them is gone: its process no longer exists on
-    this host, or, made on another host, it is older than :data:`STALE_AFTER`. Returns what
-    was dropped.
+    (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``, ``test_myapp_r1a2b3c4d``),
+    and only those with a legible marker whose holder is gone (see
+    :func:`pytest_alchemy.ownership.holder_alive`) are touched: dropped if a run created them,
+    emptied of what it created if they were adopted. Returns what was done, one line each.
     """
     if dialects.is_memory(base):
         return []
     family = Naming(naming.name, naming.suffix)
     server = _server(base)
+    tail = r"(_r[0-9a-f]{8})?(_gw\d+|_template)?"
     if server is None:
         path = Path(base.database or "")
         ext = "".join(path.suffixes)
         stem = family.derive(path.name[: len(path.name) - len(ext)] if ext else path.name)
-        pattern = re.compile(rf"^{re.escape(stem)}(_gw\d+|_template)?{re.escape(ext)}$")
+        pattern = re.compile(rf"^{re.escape(stem)}{tail}{re.escape(ext)}$")
         folder = path.parent
         names = (
             [str(p) for p in folder.iterdir() if pattern.match(p.name)] if folder.is_dir() else []
         )
     else:
-        pattern = re.compile(
-            rf"^{re.escape(family.derive(base.database or ''))}(_gw\d+|_template)?$"
-        )
+        pattern = re.compile(rf"^{re.escape(family.derive(base.database or ''))}{tail}$")
         names = [n for n in server.names() if pattern.match(n)]
-    dropped = []
+    done = []
     for name in names:
         url = base.set(database=name)
         try:
-            if MARKER_TABLE in _tables(url) and _stale(_marker_rows(url), run_id):
+            found = _look(url)
+            if not found.legible or ownership.holder_alive(found.holder, owner.run_id):
+                continue
+            if found.adopted:
+                _empty_adopted(url, found.recorded)
+                done.append(f"emptied {mask(url)} of what a run that is gone built there")
+            else:
                 _drop(url, server)
-                dropped.append(url)
+                done.append(f"dropped {mask(url)}, left by a run that is gone")
         except Exception:  # gone meanwhile (another worker swept it), or not ours to read
             continue
-    return dropped
+    return done
 
 
 def _ensure_template(
-    template: URL, recipe: Recipe, run_id: str, report: Callable[[str], None], *, reuse: bool
+    template: URL, recipe: Recipe, owner: Owner, report: Callable[[str], None], *, reuse: bool
 ) -> None:
     """Build the template unless this run already did (or, reusing, an earlier run did)."""
     server = _server(template)
-    if _exists(template, server):
-        tables = _tables(template)
-        if MARKER_TABLE in tables:
-            markers = _markers(template)
-            if (run_id, recipe.fingerprint) in markers:
-                return
-            if reuse and markers and markers[-1][1] == recipe.fingerprint:
-                return
-            _drop(template, server)
-        elif tables:
-            _refuse(template, tables)
-        else:
-            _fill(template, recipe, run_id, report)  # an empty database we may use
-            return
+    state = _claim(template, server, owner, recipe.fingerprint if reuse else _NO_REUSE)
+    if state in ("ours", "reuse"):
+        return
+    if state == "adopt":
+        _adopt(template, recipe, owner, report)
+        return
     _create(template, server)
     try:
-        _fill(template, recipe, run_id, report)
+        _fill(
+            template,
+            recipe,
+            report,
+            lambda c: _write_marker(c, owner, recipe.fingerprint),
+        )
     except BaseException:
         _drop_quietly(template, server)
         raise
 
 
-def _fill(url: URL, recipe: Recipe, run_id: str, report: Callable[[str], None]) -> None:
+def _fill(
+    url: URL,
+    recipe: Recipe,
+    report: Callable[[str], None],
+    then: Callable[[Connection], None] | None,
+) -> None:
     started = time.perf_counter()
-    recipe.apply(url, run_id)
+    recipe.apply(url, then)
     report(f"built {recipe.describe} into {mask(url)} in {time.perf_counter() - started:.2f}s")
 
 
@@ -541,28 +686,6 @@ def _copy_mysql(conn: Connection, source: str) -> None:
         conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
 
 
-@contextlib.contextmanager
-def _file_lock(url: URL) -> Iterator[None]:
-    """Serialize provisioning of one database between the processes of this machine.
-
-    pytest-xdist workers run on one machine; a file lock in the temporary directory needs no
-    connection and works the same for every backend and driver.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; workers may then build the template twice
-        yield
-        return
-    key = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"pytest-alchemy-{key}.lock"
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _drop(url: URL, server: _Server | None) -> None:
     if server is None:
         for suffix in ("", "-journal", "-wal", "-shm"):
@@ -571,29 +694,38 @@ def _drop(url: URL, server: _Server | None) -> None:
         server.drop(url.database or "")
 
 
-def release(database: ProvisionedDatabase) -> None:
-    """At the end of the run: drop what this run created; never anything without our marker."""
+def release(database: ProvisionedDatabase, run_id: str) -> None:
+    """At the end of the run: remove what this run made, if this run still holds it.
+
+    A database this run created is dropped; one it adopted keeps everything but what the run
+    created in it; one kept for reuse is marked as released, free for the next run. Nothing is
+    done to a database whose marker is gone or names another holder.
+    """
     url = database.url
-    if database.kept or not (database.created or database.adopted):
+    if not (database.created or database.adopted or database.kept):
         return
-    if MARKER_TABLE not in _tables(url):
-        return  # someone removed our marker: not ours to drop any more
-    if database.created:
+    found = _look(url)
+    if not found.legible or found.holder.get("run_id") != run_id:
+        return  # someone removed our marker, or another run holds it now
+    if database.kept:
+        run_with_connection(
+            url,
+            lambda c: c.execute(
+                update(_marker)
+                .where(_marker.c.run_id == run_id)
+                .values(released=ownership.now())
+            ),
+            autocommit=False,
+        )
+        return
+    if found.adopted:
+        _empty_adopted(url, found.recorded)
+    else:
         _drop(url, _server(url))
-        return
-
-    def empty(conn: Connection) -> None:
-        if database.recipe is not None:
-            database.recipe.empty(conn)
-        _marker.drop(conn)
-
-    run_with_connection(url, empty, autocommit=False)
 
 
-def release_template(template: URL, run_id: str) -> None:
-    """Drop the template if this run built it (it has our marker with this run's id)."""
-    server = _server(template)
-    if not _exists(template, server) or MARKER_TABLE not in _tables(template):
-        return
-    if any(run == run_id for run, _ in _markers(template)):
-        _drop(template, server)
+def release_template(template: URL, run_id: str, *, kept: bool = False) -> None:
+    """Remove the template if this run holds it, or with ``kept`` mark it as released (the
+    xdist controller calls this once every worker is done)."""
+    if _exists(template, _server(template)):
+        release(ProvisionedDatabase(template, created=True, adopted=False, kept=kept), run_id)

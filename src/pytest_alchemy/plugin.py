@@ -139,7 +139,9 @@ def pytest_configure(config: pytest.Config) -> None:
     routing.push(router)
     config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
     if config.pluginmanager.has_plugin("xdist") and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(_XdistController(settings.run_id), "alchemy-xdist")
+        config.pluginmanager.register(
+            _XdistController(settings.run_id, settings.run_pid), "alchemy-xdist"
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -173,27 +175,28 @@ class _XdistController:
     is done, so no worker drops it under another.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, run_pid: int) -> None:
         self.run_id = run_id
-        self.templates: set[str] = set()
+        self.run_pid = run_pid
+        self.templates: dict[str, bool] = {}  # URL: kept for reuse
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[_config.RUN_ID_KEY] = self.run_id
+        node.workerinput[_config.RUN_PID_KEY] = self.run_pid
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         output = getattr(node, "workeroutput", {})
-        self.templates.update(output.get(_TEMPLATES_KEY, ()))
+        for template, kept in output.get(_TEMPLATES_KEY, ()):
+            self.templates[template] = self.templates.get(template, True) and kept
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if session.config.stash[_SETTINGS].reuse:
-            return
         from sqlalchemy.engine import make_url
 
         from pytest_alchemy import databases
 
-        for template in sorted(self.templates):
+        for template, kept in sorted(self.templates.items()):
             with contextlib.suppress(Exception):  # a worker's throwaway server is gone already
-                databases.release_template(make_url(template), self.run_id)
+                databases.release_template(make_url(template), self.run_id, kept=kept)
 
 
 _TEMPLATES_KEY = "alchemy_templates"
@@ -224,10 +227,12 @@ def _alchemy_target(
     yield target
     del config.stash[_TARGET]
     problems = target.close()
-    templates = [t.render_as_string(hide_password=False) for t in target.templates]
+    templates = [
+        (t.render_as_string(hide_password=False), kept) for t, kept in target.templates.items()
+    ]
     if hasattr(config, "workerinput"):  # the controller drops templates after every worker
         config.workeroutput[_TEMPLATES_KEY] = templates  # type: ignore[attr-defined]
-    elif not target.settings.reuse:
+    else:
         problems += _release_templates(target)
     if problems:
         pytest.fail("pytest-alchemy: " + "; ".join(problems), pytrace=False)
@@ -249,9 +254,9 @@ def _release_templates(target: Target) -> list[str]:
     from pytest_alchemy import databases
 
     problems = []
-    for template in target.templates:
+    for template, kept in target.templates.items():
         try:
-            databases.release_template(template, target.settings.run_id)
+            databases.release_template(template, target.settings.run_id, kept=kept)
         except Exception as exc:
             problems.append(f"dropping the template {_config.mask(template)} failed: {exc}")
     return problems

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 
-from pytest_alchemy import databases, dialects, ephemeral, schema
+from pytest_alchemy import databases, dialects, ephemeral, ownership, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
 from pytest_alchemy.config import Setting, Settings, mask
 from pytest_alchemy.errors import (
@@ -60,14 +60,20 @@ class Target:
         # Databases filled by the plugin without provisioning (the default file), and how to
         # empty each at the end.
         self._filled: dict[str, Callable[[], None]] = {}
-        #: Templates this run may have built (for the xdist controller to drop at the end).
-        self.templates: set[URL] = set()
+        #: Templates this run may have built, and whether each is kept for reuse (the xdist
+        #: controller releases them at the end).
+        self.templates: dict[URL, bool] = {}
         self._engine: Engine | None = None
         self._keeper: ConnectionKeeper | None = None
         self._sync_failure: AlchemyError | None = None
         self._async_failure: AlchemyError | None = None
         self._databases: dict[str, databases.ProvisionedDatabase] = {}
         self._swept = False
+        self._own_names = False  # the usual names are another live run's
+        self.owner = ownership.Owner(settings.run_id, settings.run_pid)
+        self._heartbeats = ownership.Heartbeats(
+            functools.partial(databases.beat, run_id=settings.run_id)
+        )
         self._server: ephemeral.EphemeralPostgres | None = (
             None  # databases of dead earlier runs are dropped once per run
         )
@@ -96,7 +102,7 @@ class Target:
             sync_url = dialects.sync_twin(base)
             async_url = s.async_url.url or dialects.async_twin(base)
             if self.base is not None:
-                naming = databases.Naming(s.test_database, s.database_suffix, s.worker)
+                naming = self._naming()
                 sync_url = databases.derive_test_url(sync_url, naming)
                 async_url = databases.derive_test_url(async_url, naming)
             self._urls = (sync_url, async_url)
@@ -109,42 +115,67 @@ class Target:
 
     def _naming(self, *, template: bool = False) -> databases.Naming:
         s = self.settings
-        return databases.Naming(s.test_database, s.database_suffix, s.worker, template)
+        run = databases.run_part(s.run_id) if self._own_names else None
+        return databases.Naming(s.test_database, s.database_suffix, s.worker, template, run)
 
-    def _provision(self, url: URL) -> bool:
-        """Create the test database behind ``url`` once per run; True if it was filled.
+    def _provision(self, which: int) -> tuple[URL, bool]:
+        """Create the test database behind ``self.urls[which]`` once per run.
 
-        The default file in pytest's temporary directory and in-memory databases are not
-        provisioned (returns False): the caller fills them directly.
+        Returns its URL, which changes when the usual name is held by another live run (this
+        run then works on names of its own), and whether it was provisioned. The default
+        file in pytest's temporary directory and in-memory databases are not (False): the
+        caller fills them directly.
         """
+        url = self.urls[which]
         if self.base is None or dialects.is_memory(url):
-            return False
-        key = self._schema_key(url, None)
+            return url, False
         if not self._swept and not self.settings.reuse:
             self._swept = True
             base = self.base.set(drivername=url.drivername)
-            for dropped in databases.sweep(base, self._naming(), self.settings.run_id):
-                self._report(f"dropped {mask(dropped)}, left by a run that is gone")
+            for line in databases.sweep(base, self._naming(), self.owner):
+                self._report(line)
+        key = self._schema_key(url, None)
         if key not in self._databases:
-            recipe = self._recipe
-            template = None
-            if recipe is not None:
-                base = self.base
-                template = databases.derive_test_url(
-                    base.set(drivername=url.drivername), self._naming(template=True)
-                )
-                self.templates.add(template)
-            s = self.settings
-            self._databases[key] = databases.provision(
-                url,
-                s.run_id,
-                recipe=recipe,
-                template=template,
-                report=self._report,
-                reuse=s.reuse,
-                recreate=s.recreate,
+            try:
+                self._databases[key] = self._provision_at(url)
+            except databases.Busy as busy:
+                if self._own_names:
+                    raise ProvisioningError(f"{busy}, and so are this run's own names.") from None
+                self._own_names = True
+                self._urls = None
+                url = self.urls[which]
+                self._report(f"{busy}: this run uses {mask(url)} instead")
+                key = self._schema_key(url, None)
+                self._databases[key] = self._provision_at(url)
+        return url, True
+
+    def _provision_at(self, url: URL) -> databases.ProvisionedDatabase:
+        assert self.base is not None
+        recipe = self._recipe
+        template = None
+        if recipe is not None:
+            template = databases.derive_test_url(
+                self.base.set(drivername=url.drivername), self._naming(template=True)
             )
-        return True
+        s = self.settings
+        # Names of our own are never reused: a kept one would be left for no later run.
+        reuse = s.reuse and not self._own_names
+        if template is not None:
+            self.templates[template] = reuse
+        provisioned = databases.provision(
+            url,
+            self.owner,
+            recipe=recipe,
+            template=template,
+            report=self._report,
+            reuse=reuse,
+            recreate=s.recreate,
+        )
+        if url.get_backend_name() != "sqlite":  # a file is on this host: its pid tells
+            for held in (url, template):
+                if held is not None:
+                    self._heartbeats.add(held)
+        return provisioned
 
     def _origin(self, url: URL, setting: Setting) -> str:
         given = setting.url
@@ -214,7 +245,7 @@ class Target:
         recipe = self._recipe
         engine: Engine | None = None
         try:
-            filled = self._provision(url)
+            url, filled = self._provision(0)
             url, options = dialects.engine_options(url)
             engine = create_engine(url, **options)
             OWN_ENGINES.add(engine)
@@ -258,8 +289,8 @@ class Target:
         from sqlalchemy.ext.asyncio import create_async_engine
 
         recipe = self._recipe
-        filled = self._provision(self.urls[1])  # blocks the loop once, to create the database
-        url, options = dialects.engine_options(self.urls[1])
+        url, filled = self._provision(1)  # blocks the loop once, to create the database
+        url, options = dialects.engine_options(url)
         engine = create_async_engine(url, **options)
         OWN_ENGINES.add(engine.sync_engine)
         try:
@@ -288,6 +319,7 @@ class Target:
     def close(self) -> list[str]:
         """Close kept connections, drop the tables this run created; returns problems."""
         problems: list[str] = []
+        self._heartbeats.stop()
         if self._keeper is not None:
             self._keeper.close()
         try:
@@ -304,7 +336,7 @@ class Target:
             self._engine.dispose()
         for database in self._databases.values():
             try:
-                databases.release(database)
+                databases.release(database, self.settings.run_id)
             except Exception as exc:
                 problems.append(
                     f"dropping the test database {mask(database.url)} failed: {_first_line(exc)}"

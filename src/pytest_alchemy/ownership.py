@@ -1,0 +1,235 @@
+"""Who holds a test database: the run's identity, whether a run is alive, and locks.
+
+Every database the plugin creates, adopts or reuses carries marker rows naming the run that
+holds it (see :mod:`pytest_alchemy.databases`). A run is identified by its id, shared by an
+xdist controller with its workers, and by the process that started it (pid and start time, so
+a reused pid is not mistaken for the run). Whether that run is still alive decides everything
+another run may do to the database:
+
+- on the same host (same hostname and pid namespace), the run is alive while its process is;
+- from another host, while its heartbeat is recent: each process of a live run touches the
+  marker of the databases it holds every :data:`HEARTBEAT_EVERY` seconds.
+
+A database whose holder is alive is never dropped, replaced or used by another run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import getpass
+import hashlib
+import os
+import socket
+import stat
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_alchemy.errors import ProvisioningError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sqlalchemy.engine import URL
+
+#: Seconds between two heartbeats of a live run on the databases it holds.
+HEARTBEAT_EVERY = 60.0
+#: A run on another host whose last heartbeat is older than this is taken as gone.
+HEARTBEAT_STALE = timedelta(minutes=10)
+#: A marker without a heartbeat (older releases) from another host counts as gone after this.
+STALE_AFTER = timedelta(days=2)
+
+
+def now() -> datetime:
+    """UTC, naive: how markers store times on every backend."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@functools.lru_cache(maxsize=1)
+def host_id() -> str:
+    """This host as markers record it: the hostname and, on Linux, the pid namespace.
+
+    Two containers may share a hostname; their process ids mean nothing to each other.
+    """
+    host = socket.gethostname()
+    with contextlib.suppress(OSError):
+        host += "/" + os.readlink("/proc/self/ns/pid")
+    return host[:255]
+
+
+@functools.lru_cache(maxsize=64)
+def started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), if it can be told."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return None
+
+
+def process_alive(pid: int, start: float | None) -> bool:
+    """Whether process ``pid`` runs, and is the one that started at ``start`` (if given)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False  # killed, not yet reaped by its parent
+        created = process.create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.AccessDenied, OSError):
+        return True  # it exists, under another user
+    return start is None or abs(created - start) < 1.0
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The run a process belongs to: its id, and the pid of the process that started it."""
+
+    run_id: str
+    pid: int
+
+    @property
+    def started(self) -> float | None:
+        return started(self.pid)
+
+    def marker_values(self) -> dict[str, Any]:
+        """The columns of a marker row naming this run as the holder."""
+        moment = now()
+        return {
+            "run_id": self.run_id,
+            "created_at": moment,
+            "heartbeat": moment,
+            "host": host_id(),
+            "pid": self.pid,
+            "started": self.started,
+        }
+
+
+def holder_alive(row: dict[str, Any], run_id: str) -> bool:
+    """Whether the run named by marker ``row`` is this one or still alive."""
+    if row.get("run_id") == run_id:
+        return True
+    if row.get("released") is not None:  # its run ended and left it for the next one
+        return False
+    pid = row.get("pid")
+    legacy_host = socket.gethostname()[:255]  # written by releases without the pid namespace
+    if isinstance(pid, int) and row.get("host") in (host_id(), legacy_host):
+        start = row.get("started")
+        return process_alive(pid, float(start) if start is not None else None)
+    beat = row.get("heartbeat")
+    if isinstance(beat, datetime):
+        return now() - beat < HEARTBEAT_STALE
+    created = row.get("created_at")
+    if isinstance(created, datetime):
+        return now() - created < STALE_AFTER
+    return True  # nothing tells: leave it alone
+
+
+def describe_holder(row: dict[str, Any]) -> str:
+    """The holder of a marker row, for a message: "run 1a2b3c4d (pid 123 on host)"."""
+    host = str(row.get("host") or "?").split("/", 1)[0]
+    return f"run {str(row.get('run_id'))[:8]} (pid {row.get('pid')} on {host})"
+
+
+class Heartbeats:
+    """Touches the markers of the databases this process holds, from a daemon thread."""
+
+    def __init__(self, beat: Callable[[URL], None]) -> None:
+        self._beat = beat
+        self._urls: dict[str, URL] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, url: URL) -> None:
+        with self._lock:
+            self._urls[url.render_as_string(hide_password=False)] = url
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pytest-alchemy-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, url: URL) -> None:
+        with self._lock:
+            self._urls.pop(url.render_as_string(hide_password=False), None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY):
+            with self._lock:
+                urls = list(self._urls.values())
+            for url in urls:
+                with contextlib.suppress(Exception):  # a missed beat is not worth a failure
+                    self._beat(url)
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=10)
+
+
+# -- locks between the processes of this machine ---------------------------------------------
+
+
+def lock_directory() -> Path:
+    """This user's private folder for lock files (0700), created on first use.
+
+    Per user: a lock file another account created could not be opened (and used to read as
+    "cannot connect"). Private: nobody else can plant or hold our locks.
+    """
+    user = str(os.getuid()) if hasattr(os, "getuid") else getpass.getuser()
+    folder = Path(tempfile.gettempdir()) / f"pytest-alchemy-{user}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    foreign = hasattr(os, "getuid") and info.st_uid != os.getuid()
+    if foreign or stat.S_ISLNK(info.st_mode) or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ProvisioningError(
+            f"The lock folder {folder} is not private to this user (owner uid {info.st_uid}, "
+            f"mode {stat.filemode(info.st_mode)}). pytest-alchemy keeps its lock files there; "
+            f"remove the folder, or point TMPDIR at a folder of your own."
+        )
+    return folder
+
+
+class _Unlinked(Exception):
+    """The lock file was removed by its previous holder before our lock took: retry."""
+
+
+def _refuse_unlinked(fd: int) -> None:
+    if os.fstat(fd).st_nlink == 0:
+        raise _Unlinked
+
+
+@contextlib.contextmanager
+def file_lock(url: URL) -> Iterator[None]:
+    """Serialize provisioning of one database between the processes of this machine.
+
+    pytest-xdist workers, and concurrent runs, on one machine. The lock file is removed when
+    the lock is released, by its holder: a process that was waiting on the removed file finds
+    it unlinked once its lock takes, and takes the lock again on a new file.
+    """
+    from filelock import FileLock
+
+    key = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:16]
+    path = lock_directory() / f"{key}.lock"
+    while True:
+        lock = FileLock(path, mode=0o600, thread_local=False, on_acquired=_refuse_unlinked)
+        try:
+            lock.acquire()
+        except _Unlinked:
+            continue
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.release()
