@@ -31,7 +31,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
-    Float,
+    Double,
     Integer,
     MetaData,
     String,
@@ -68,7 +68,8 @@ _marker = Table(
     Column("created_at", DateTime),
     Column("host", String(255)),
     Column("pid", Integer),
-    Column("started", Float),  # the run's process start time: a reused pid is another process
+    # The run's process start time (a reused pid is another process); MySQL's FLOAT is 4 bytes.
+    Column("started", Double),
     Column("heartbeat", DateTime),
     Column("adopted", Boolean),  # it existed before us: never dropped, only emptied
     Column("objects", Text),  # in an adopted database, what we created there (JSON)
@@ -711,9 +712,7 @@ def release(database: ProvisionedDatabase, run_id: str) -> None:
         run_with_connection(
             url,
             lambda c: c.execute(
-                update(_marker)
-                .where(_marker.c.run_id == run_id)
-                .values(released=ownership.now())
+                update(_marker).where(_marker.c.run_id == run_id).values(released=ownership.now())
             ),
             autocommit=False,
         )
