@@ -226,3 +226,36 @@ def test_sync_suite_needs_no_greenlet(pytester: pytest.Pytester) -> None:
     result = pytester.run(sys.executable, str(runner))
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["*1 passed*"])
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresq://u:pw@127.0.0.1/app", "*SQLAlchemy has no dialect 'postgresq'*"),
+        ("postgresql+psycopg://u:pw@127.0.0.1:99999/app", "*port 99999 is out of range*"),
+        ("postgresql+psycopg://u:pw@127.0.0.1:54x/app", "*not a SQLAlchemy URL*"),
+    ],
+    ids=["unknown-dialect", "port-out-of-range", "port-not-a-number"],
+)
+def test_a_url_that_cannot_work_is_a_usage_error(
+    pytester: pytest.Pytester, url: str, message: str
+) -> None:
+    project = Project(pytester, None)
+    project.ini(metadata=False)
+    project.tests(THREE_TESTS.format(count=2))
+    result = project.run("--alchemy-url", url)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "pw" not in result.stderr.str()
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_a_provisioning_error_is_shown_once_per_test(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, "postgresql+psycopg://postgres@127.0.0.1:5432/app")
+    project.ini("alchemy_test_database = template1\n", metadata=False)
+    project.tests(THREE_TESTS.format(count=2))
+    result = project.run()
+    result.assert_outcomes(errors=2)
+    output = result.stdout.str()
+    assert "During handling of the above exception" not in output
+    assert output.count("is a system database") == 2  # once in each error's report

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -113,12 +113,29 @@ def _parse_url(raw: str | None, source: str, option: Option) -> Setting:
         return Setting(None, source, option)
     try:
         url = make_url(raw.strip())
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         # No echo of the raw value: it may hold a password.
         raise pytest.UsageError(
             f"{option.spelled(source)}: not a SQLAlchemy URL. Expected a URL such as "
             f"'postgresql+psycopg://user@localhost/myapp' or 'sqlite:///test.db'."
         ) from None
+    if url.port is not None and not 0 < url.port < 65536:
+        raise pytest.UsageError(
+            f"{option.spelled(source)}: port {url.port} is out of range (1-65535). "
+            f"PostgreSQL listens on 5432 by default, MySQL and MariaDB on 3306."
+        )
+    if url.drivername != "postgresql+ephemeral":  # the plugin's own, no SQLAlchemy dialect
+        try:
+            url.get_dialect()
+        except NoSuchModuleError:
+            raise pytest.UsageError(
+                f"{option.spelled(source)}: SQLAlchemy has no dialect {url.drivername!r}. "
+                f"Write the backend as postgresql, mysql, mariadb or sqlite, optionally with a "
+                f"driver: 'postgresql+psycopg://…', 'mysql+pymysql://…', 'sqlite:///…'; or "
+                f"install the package that provides that dialect."
+            ) from None
+        except Exception:  # the dialect is there but cannot load now (greenlet): later
+            pass
     return Setting(url, source, option)
 
 

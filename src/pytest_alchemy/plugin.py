@@ -271,7 +271,8 @@ def db_engine(_alchemy_target: Target) -> Engine:
     try:
         return _alchemy_target.sync_engine()
     except AlchemyError as exc:
-        _fail(exc)
+        failure = exc
+    _fail(failure)  # outside the except: one message, not the error and then its context
 
 
 @pytest.fixture
@@ -438,8 +439,10 @@ async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Targe
     try:
         state = await _alchemy_target.loop_state()
     except AlchemyError as exc:
-        _fail(exc)
-    return state.engine
+        failure = exc
+    else:
+        return state.engine
+    _fail(failure)
 
 
 async def async_db_connection(
