@@ -18,6 +18,7 @@ before the driver is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,8 +48,21 @@ class LoopState:
     engine: AsyncEngine
     connection: AsyncConnection | None = None
     lifetime: AsyncIterator[None] | None = field(default=None, repr=False)
+    #: The database was restored under the kept connection: replace it at the next use.
+    expired: bool = False
+
+    async def discard_connection(self) -> None:
+        """Give up the kept connection and the pool's (the database behind them is gone)."""
+        self.expired = False
+        conn, self.connection = self.connection, None
+        if conn is not None and not conn.invalidated:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+        await self.engine.dispose()
 
     async def acquire(self) -> AsyncConnection:
+        if self.expired:
+            await self.discard_connection()
         conn = self.connection
         if conn is None or conn.closed or conn.invalidated:
             if conn is not None:
@@ -94,6 +108,11 @@ class LoopEngines:
             self._states.pop(loop, None)
             await state.aclose()
 
+    def expire(self) -> None:
+        """Every loop's kept connection is replaced at that loop's next use."""
+        for state in self._states.values():
+            state.expired = True
+
     def peek(self) -> LoopState | None:
         """The state of the running loop, if it has one."""
         return self._states.get(asyncio.get_running_loop())
@@ -125,6 +144,7 @@ class AsyncSandbox:
         restart_savepoint_names(conn.sync_connection)  # type: ignore[arg-type]
         self._transaction = await conn.begin()
         self.core.transaction = self._transaction.sync_transaction  # type: ignore[assignment]
+        self.core.watch_transaction()
 
     async def end(self) -> None:
         """Roll the outer transaction back; idempotent. Problems are left in ``core.problem``."""

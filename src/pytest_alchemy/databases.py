@@ -695,6 +695,43 @@ def _drop(url: URL, server: _Server | None) -> None:
         server.drop(url.database or "")
 
 
+def restore(
+    database: ProvisionedDatabase,
+    owner: Owner,
+    recipe: Recipe | None,
+    template: URL | None,
+    report: Callable[[str], None],
+    *,
+    reuse: bool,
+) -> None:
+    """Bring a test database back to what provisioning made of it, after a test escaped.
+
+    What escaped is not known, so nothing of the database is kept: one this run created (or
+    holds for reuse) is dropped and cloned from the template again (built anew if it is not
+    there), one it adopted is emptied of what was recorded and filled again. Every connection
+    to it must be given up by the caller first (PostgreSQL's drop ends any that are left).
+    """
+    url = database.url
+    server = _server(url)
+    with ownership.file_lock(template or url):
+        if database.adopted:
+            _empty_adopted(url, _look(url).recorded)
+            _adopt(url, recipe, owner, report)
+            return
+        _drop(url, server)
+        try:
+            if recipe is None or template is None:
+                _create(url, server)
+                _mark(url, owner, None)
+            else:
+                _ensure_template(template, recipe, owner, report, reuse=reuse)
+                _clone(template, url, server)
+                _mark(url, owner, recipe.fingerprint, fresh=True)
+        except BaseException:
+            _drop_quietly(url, server)
+            raise
+
+
 def release(database: ProvisionedDatabase, run_id: str) -> None:
     """At the end of the run: remove what this run made, if this run still holds it.
 

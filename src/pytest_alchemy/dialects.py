@@ -16,6 +16,8 @@ from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import URL, Connection, Engine
     from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
     from sqlalchemy.pool import ConnectionPoolEntry
@@ -193,9 +195,14 @@ _MYSQL_IMPLICIT_COMMIT = (
     r"|ALTER|TRUNCATE|RENAME|LOCK\s+TABLES?|UNLOCK\s+TABLES?|GRANT|REVOKE|ANALYZE|OPTIMIZE"
     r"|REPAIR|FLUSH|INSTALL|UNINSTALL|LOAD\s+INDEX|CACHE\s+INDEX|XA\b"
 )
-_TRANSACTION_CONTROL = re.compile(rf"\s*(?:{_ENDS_TRANSACTION})\b", re.I)
-_IMPLICIT_COMMIT = re.compile(rf"\s*(?:{_MYSQL_IMPLICIT_COMMIT})\b", re.I)
-_GUARDS = {"mysql": re.compile(rf"\s*(?:{_ENDS_TRANSACTION}|{_MYSQL_IMPLICIT_COMMIT})\b", re.I)}
+# Whitespace and comments before the statement's first word (MySQL's executable comments,
+# /*! ... */, are statements: not skipped).
+_LEAD = r"(?:\s|/\*(?!!).*?\*/|--[^\n]*(?:\n|$)|#[^\n]*(?:\n|$))*"
+_TRANSACTION_CONTROL = re.compile(rf"{_LEAD}(?:{_ENDS_TRANSACTION})\b", re.I | re.S)
+_IMPLICIT_COMMIT = re.compile(rf"{_LEAD}(?:{_MYSQL_IMPLICIT_COMMIT})\b", re.I | re.S)
+_GUARDS = {
+    "mysql": re.compile(rf"{_LEAD}(?:{_ENDS_TRANSACTION}|{_MYSQL_IMPLICIT_COMMIT})\b", re.I | re.S)
+}
 
 
 def statement_guard(dialect_name: str) -> re.Pattern[str]:
@@ -226,3 +233,60 @@ def refusal_advice(statement: str) -> str:
         "Commit through the Session (session.commit() releases the sandbox's savepoint), or "
         "use `with db_connection.begin_nested():` for Core work."
     )
+
+
+# -- is the outer transaction still open? (asked of the driver, not guessed from text) --------
+
+#: What a transaction probe reports.
+IN_TRANSACTION, NO_TRANSACTION, AUTOCOMMIT = 1, 0, 2
+
+_PG_OPEN = {1, 2, 3}  # libpq: ACTIVE, INTRANS, INERROR (IDLE = 0, UNKNOWN = 4: broken)
+_MYSQL_IN_TRANS, _MYSQL_AUTOCOMMIT = 0x0001, 0x0002  # SERVER_STATUS_* flags of OK packets
+
+
+def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], int | None] | None:
+    """A function telling, from the driver's own state and with no round trip, whether the
+    connection is in a transaction; None where the driver cannot tell.
+
+    - psycopg 3 and psycopg2: libpq's transaction status, updated by every server reply;
+    - asyncpg: the protocol's transaction state;
+    - PyMySQL and aiomysql: the server status flags of the last reply, which
+      also say when autocommit was switched on. asyncmy never records a status of 0 (its
+      ``server_status`` keeps the last non-zero one), so it cannot tell that a transaction
+      ended: there the statement guard is all there is;
+    - sqlite3 and aiosqlite: ``in_transaction``.
+    """
+    raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    family = "mysql" if dialect_name == "mariadb" else dialect_name
+    if family == "postgresql":
+        info = getattr(raw, "info", None)
+        if info is not None and hasattr(info, "transaction_status"):
+            return lambda: _pg_state(info)
+        if callable(getattr(raw, "is_in_transaction", None)):
+            return lambda: IN_TRANSACTION if raw.is_in_transaction() else NO_TRANSACTION
+        return None
+    if family == "mysql":
+        if type(raw).__module__.startswith("asyncmy"):
+            return None
+        if hasattr(raw, "server_status"):
+            return lambda: _mysql_state(raw.server_status)
+        return None
+    if family == "sqlite" and hasattr(raw, "in_transaction"):
+        return lambda: IN_TRANSACTION if raw.in_transaction else NO_TRANSACTION
+    return None
+
+
+def _pg_state(info: Any) -> int | None:
+    try:
+        status = int(info.transaction_status)
+    except Exception:  # closed
+        return None
+    if status in _PG_OPEN:
+        return IN_TRANSACTION
+    return NO_TRANSACTION if status == 0 else None
+
+
+def _mysql_state(status: int) -> int:
+    if status & _MYSQL_AUTOCOMMIT:
+        return AUTOCOMMIT
+    return IN_TRANSACTION if status & _MYSQL_IN_TRANS else NO_TRANSACTION

@@ -290,11 +290,24 @@ def db_connection(db_engine: Engine, _alchemy_target: Target) -> Iterator[Connec
         yield connection
         sandbox.end()
         if sandbox.problem:
-            _fail(SandboxBrokenError(sandbox.problem))
+            restored = ""
+            if sandbox.escaped:
+                restored = _restore(_alchemy_target, db_engine if keeper else None)
+            _fail(SandboxBrokenError(sandbox.problem + restored))
     finally:
         sandbox.end()
         if keeper is None:
             connection.close()
+
+
+def _restore(target: Target, engine: Engine | None) -> str:
+    """Restore the test database after an escape; the sentence to add to the failure."""
+    if engine is None:
+        return " The test database could not be restored: db_engine is overridden."
+    try:
+        return target.restore(engine)
+    except Exception as exc:
+        return f" Restoring the test database failed: {type(exc).__name__}: {exc}"
 
 
 @pytest.fixture
@@ -388,7 +401,14 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
         routes.stop()
     escapes = router.escapes.take()
     if escapes:
-        _fail(UnsandboxedEngineError(" ".join(escapes)))
+        target = request.config.stash.get(_TARGET, None)
+        restored = ""
+        if target is not None:
+            try:
+                restored = target.restore()
+            except Exception as exc:
+                restored = f" Restoring the test database failed: {type(exc).__name__}: {exc}"
+        _fail(UnsandboxedEngineError(" ".join(escapes) + restored))
 
 
 @pytest.fixture
@@ -462,7 +482,16 @@ async def async_db_connection(
         yield connection
         await sandbox.end()
         if sandbox.core.problem:
-            _fail(SandboxBrokenError(sandbox.core.problem))
+            restored = ""
+            if sandbox.core.escaped and not own:
+                restored = " The test database could not be restored: async_db_engine is "
+                restored += "overridden."
+            elif sandbox.core.escaped:
+                try:
+                    restored = await _alchemy_target.restore_async(async_db_engine)
+                except Exception as exc:
+                    restored = f" Restoring the test database failed: {type(exc).__name__}: {exc}"
+            _fail(SandboxBrokenError(sandbox.core.problem + restored))
     finally:
         await sandbox.end()
         if not own:

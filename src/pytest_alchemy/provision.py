@@ -149,17 +149,23 @@ class Target:
                 self._databases[key] = self._provision_at(url)
         return url, True
 
-    def _provision_at(self, url: URL) -> databases.ProvisionedDatabase:
-        assert self.base is not None
-        recipe = self._recipe
-        template = None
-        if recipe is not None:
-            template = databases.derive_test_url(
-                self.base.set(drivername=url.drivername), self._naming(template=True)
-            )
-        s = self.settings
+    def _template_for(self, url: URL) -> URL | None:
+        """The run's template for the test database ``url``, if there is a recipe."""
+        if self._recipe is None or self.base is None:
+            return None
+        base = self.base.set(drivername=url.drivername)
+        return databases.derive_test_url(base, self._naming(template=True))
+
+    @property
+    def _reuse(self) -> bool:
         # Names of our own are never reused: a kept one would be left for no later run.
-        reuse = s.reuse and not self._own_names
+        return self.settings.reuse and not self._own_names
+
+    def _provision_at(self, url: URL) -> databases.ProvisionedDatabase:
+        recipe = self._recipe
+        template = self._template_for(url)
+        s = self.settings
+        reuse = self._reuse
         if template is not None:
             self.templates[template] = reuse
         provisioned = databases.provision(
@@ -313,6 +319,73 @@ class Target:
             await engine.dispose()
             raise
         return engine
+
+    # -- after an escape -----------------------------------------------------------------------
+
+    def restore(self, engine: Engine | None = None) -> str:
+        """Bring the test database back to its provisioned state after a test escaped its
+        sandbox (what escaped is not known); returns a sentence saying what was done.
+
+        Every connection the plugin keeps to it is given up first; async ones are replaced
+        on their loop's next use.
+        """
+        self._give_up_connections()
+        url = (engine.url if engine is not None else None) or (self.known_urls or (None,))[0]
+        if url is None:
+            return ""
+        key = self._schema_key(url, engine)
+        database = self._databases.get(key)
+        if database is not None:
+            databases.restore(
+                database,
+                self.owner,
+                self._recipe,
+                self._template_for(database.url),
+                self._report,
+                reuse=self._reuse,
+            )
+            what = "cloned from the template again" if self._recipe else "created anew"
+            if database.adopted:
+                what = "emptied of what the plugin built there, and built again"
+            return f" The test database {mask(database.url)} was {what}, so no later test sees it."
+        if engine is None or (engine is not self._engine and key not in self._filled):
+            return " The test database could not be restored (db_engine is overridden)."
+        _run_sync(engine, self._rebuild)
+        return f" The test database {mask(url)} was built again, so no later test sees it."
+
+    async def restore_async(self, engine: AsyncEngine) -> str:
+        """:meth:`restore`, from an async test's teardown, on the loop of ``engine``."""
+        if self._schema_key(engine.url, engine) in self._databases:
+            state = self.loops.peek()
+            if state is not None:
+                await state.discard_connection()
+            return self.restore(engine.sync_engine)
+        self._give_up_connections()
+        state = self.loops.peek()
+        if state is not None:  # now, not at its next use: memory would be lost after the fill
+            await state.discard_connection()
+        async with engine.begin() as conn:  # the default file, or memory (it lives in the engine)
+            await conn.run_sync(self._rebuild)
+        return f" The test database {mask(engine.url)} was built again, so no later test sees it."
+
+    def _give_up_connections(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
+        if self._engine is not None:
+            self._engine.dispose()
+        self.loops.expire()
+
+    def _rebuild(self, connection: Connection) -> None:
+        """Drop every table of a database that is the plugin's own (the default file, memory),
+        and build the schema again."""
+        from sqlalchemy import MetaData
+
+        found = MetaData()
+        found.reflect(connection)
+        found.drop_all(connection)
+        recipe = self._recipe
+        if recipe is not None:
+            recipe.fill(connection)
 
     # -- end ----------------------------------------------------------------------------------
 

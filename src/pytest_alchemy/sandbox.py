@@ -180,6 +180,10 @@ class Sandbox:
         self._ended = False
         self.transaction: RootTransaction | None = None
         self.savepoints = Savepoints(self)
+        #: The outer transaction ended behind the plugin's back: the database needs restoring.
+        self.escaped = False
+        self._probe: Callable[[], int | None] | None = None
+        self._seen_open = False  # the driver has reported the outer transaction open
         self.gate = Gate()
         #: Held by routed engines around each use of the connection, which threads share.
         self.lock = threading.RLock()
@@ -194,6 +198,54 @@ class Sandbox:
             self.connection.rollback()
         restart_savepoint_names(self.connection)
         self.transaction = self.connection.begin()
+        self.watch_transaction()
+
+    def watch_transaction(self) -> None:
+        """From now on, ask the driver after each statement whether the outer transaction
+        still stands (see :meth:`check_transaction`)."""
+        dbapi_connection = self.connection.connection.dbapi_connection
+        self._probe = dialects.transaction_probe(self.connection.dialect.name, dbapi_connection)
+        self._seen_open = False
+
+    def check_transaction(self, statement: str | None, *, before: bool = False) -> str | None:
+        """Whether the outer transaction has ended; returns the problem if it just did.
+
+        Asked of the driver's own state, with no round trip, before and after every statement
+        on the connection and at teardown: so it catches what no statement text shows
+        (``/* */ COMMIT``, ``SELECT 1; COMMIT``, ``dbapi_connection.commit()``, MySQL's
+        ``SET autocommit=1`` and implicit commits). A driver may report no transaction until
+        the first statement begins one; only an end after that counts.
+        """
+        probe = self._probe
+        if probe is None or self.escaped:
+            return None
+        state = probe()
+        if state == dialects.IN_TRANSACTION:
+            self._seen_open = True
+            return None
+        if not (state == dialects.AUTOCOMMIT or (state is not None and self._seen_open)):
+            return None
+        self.escaped = True
+        shown = repr(statement.strip().splitlines()[0][:80]) if statement else None
+        if shown is None:
+            where = "during the test, where no statement showed it (a commit or rollback on "
+            where += "the raw DBAPI connection?)"
+        elif before:
+            where = f"before the statement {shown}, where no statement showed it (a commit "
+            where += "or rollback on the raw DBAPI connection?)"
+        else:
+            where = f"with the statement {shown}"
+        if state == dialects.AUTOCOMMIT:
+            where += ", and autocommit is on"
+        problem = (
+            f"The test's outer transaction ended {where}: what the test wrote until then was "
+            f"committed for real, and what came after ran outside the sandbox. Commit through "
+            f"the Session (session.commit() releases the sandbox's savepoint), never with "
+            f"COMMIT statements, dbapi_connection.commit() or SET autocommit."
+        )
+        if self.problem is None:
+            self.problem = problem
+        return problem
 
     def needs_invalidation(self) -> bool:
         """Whether teardown cannot trust the connection's state after a rollback."""
@@ -218,6 +270,7 @@ class Sandbox:
                 "connection belongs to the fixture, which closes it itself."
             )
             return None
+        self.check_transaction(None)
         if not self.needs_invalidation():
             return "rollback"
         # SQLAlchemy's view of the transaction can no longer be trusted (a refused commit, an
@@ -352,13 +405,19 @@ class Savepoints:
 
     def execute(self, party: object, statement: str, run: Callable[[], None]) -> None:
         """Run ``party``'s statement under the lock (threads may share the connection)."""
+        sandbox = self._sandbox
         with self.lock:
             self.wrote(party, statement)
-            try:
-                run()
-            except BaseException:
-                self.wrote(party, None)
-                raise
+            problem = sandbox.check_transaction(statement, before=True)
+            if problem is None:
+                try:
+                    run()
+                except BaseException:
+                    self.wrote(party, None)
+                    raise
+                problem = sandbox.check_transaction(statement)
+            if problem is not None:
+                raise SandboxBrokenError(problem)
 
     def release(self, owner: object) -> None:
         index = self._find(owner)
