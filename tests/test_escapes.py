@@ -126,3 +126,95 @@ def test_an_escape_fails_its_test_and_no_later_test_sees_it(
         result.stdout.fnmatch_lines(
             ["*SandboxBrokenError: The test's outer transaction ended *no later test sees it.*"]
         )
+
+
+# -- the plugin's own engines, and the base database ------------------------------------------
+
+OWN_ENGINE = """
+import pytest
+from sqlalchemy import insert, select
+from models import Item
+
+
+def test_1_commits_through_db_engine(db_engine):
+    with db_engine.begin() as conn:
+        conn.execute(insert(Item).values(name="escaped"))
+
+
+@pytest.mark.asyncio
+async def test_2_commits_through_async_db_engine(async_db_engine):
+    async with async_db_engine.begin() as conn:
+        await conn.execute(insert(Item).values(name="escaped-async"))
+
+
+def test_3_starts_clean(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
+"""
+
+BACKENDS = [
+    d for d in SYNC_DRIVERS if d.id in ("sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")
+]
+
+
+@pytest.mark.parametrize("driver", BACKENDS, ids=lambda d: d.id)
+def test_a_commit_through_the_plugins_own_engine_is_an_escape(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini()
+    project.tests(OWN_ENGINE)
+    result = project.run("-p", "no:randomly")
+    result.assert_outcomes(passed=3, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*UnsandboxedEngineError: * committed to the test database outside the test's "
+            "sandbox*It is db_engine (or async_db_engine)*so no later test sees it."
+        ]
+        * 2
+    )
+
+
+BASE_DATABASE = """
+from sqlalchemy import create_engine, text
+
+BASE = {base!r}
+
+
+def test_writes_the_base_database(db_session):
+    engine = create_engine(BASE)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS developer_notes (id INTEGER)"))
+    engine.dispose()
+"""
+
+
+@pytest.mark.parametrize("driver", BACKENDS, ids=lambda d: d.id)
+@pytest.mark.parametrize("strict", [False, True], ids=["watch", "strict"])
+def test_a_commit_to_the_base_database_during_a_test_is_reported(
+    driver: Driver, strict: bool, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini("alchemy_block_unsandboxed = true\n" if strict else "")
+    project.tests(BASE_DATABASE.format(base=project.url))
+    result = project.run()
+    base = create_engine(project.url or "")
+    try:
+        tables = set(inspect(base).get_table_names())
+        if strict:  # refused: it never got there
+            result.assert_outcomes(failed=1, errors=1)
+            result.stdout.fnmatch_lines(["*connected to the base database outside the test's*"])
+            assert "developer_notes" not in tables
+        else:
+            result.assert_outcomes(passed=1, errors=1)
+            result.stdout.fnmatch_lines(
+                [
+                    "*committed to the base database named in alchemy_url, which tests must never "
+                    "write: what it wrote stays there*"
+                ]
+            )
+    finally:
+        with base.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS developer_notes")
+        base.dispose()

@@ -722,11 +722,8 @@ def test_a_commit_around_the_sandbox_fails_the_test(db_engine):
     engine.dispose()
 
 
-def test_cleanup(db_engine):
-    engine = escape.connect(db_engine.url)
-    with engine.begin() as conn:
-        conn.execute(Item.__table__.delete())
-    engine.dispose()
+def test_the_next_test_does_not_see_it(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
 """
 
 
@@ -734,13 +731,13 @@ def test_a_commit_through_an_unrouted_engine_fails_with_the_fix(sync_backend: Pr
     _app(sync_backend, ESCAPE_APP, "escape")
     sync_backend.ini()
     sync_backend.tests(ESCAPE_TESTS)
-    result = sync_backend.run("-v")
-    result.assert_outcomes(passed=2, errors=2)
+    result = sync_backend.run("-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         [
             "*UnsandboxedEngineError: * committed to the test database outside the test's "
-            "sandbox, so what it wrote survives the test. Route it into the sandbox: add "
-            "`alchemy_engines = escape:rogue` to your pytest ini*",
+            "sandbox, so what it wrote survived the test. Route it into the sandbox: add "
+            "`alchemy_engines = escape:rogue` to your pytest ini*so no later test sees it.",
         ]
     )
 
@@ -961,7 +958,7 @@ def test_async_engines_are_routed_under_every_loop_configuration(
 
 ASYNC_ESCAPE_TESTS = """
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from models import Item
@@ -973,17 +970,22 @@ async def test_an_async_commit_around_the_sandbox_fails_the_test(async_db_engine
     engine = create_async_engine(async_db_engine.url)
     async with engine.begin() as conn:
         await conn.execute(insert(Item).values(name="escaped"))
-    async with engine.begin() as conn:
-        await conn.execute(Item.__table__.delete())
     await engine.dispose()
+
+
+async def test_the_next_test_does_not_see_it(async_db_session):
+    assert (await async_db_session.scalars(select(Item.name))).all() == []
 """
 
 
 def test_an_async_commit_through_an_unrouted_engine_fails(async_backend: Project) -> None:
     async_backend.ini()
     async_backend.tests(ASYNC_ESCAPE_TESTS)
-    result = async_backend.run()
-    result.assert_outcomes(passed=1, errors=1)
+    result = async_backend.run("-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
-        ["*UnsandboxedEngineError: * committed to the test database outside the test's sandbox*"]
+        [
+            "*UnsandboxedEngineError: * committed to the test database outside the test's "
+            "sandbox*so no later test sees it."
+        ]
     )

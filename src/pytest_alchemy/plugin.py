@@ -158,7 +158,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     target = item.config.stash.get(_TARGET, None)
     watch = router.escapes if router is not None else None
     if watch is not None and target is not None and target.known_urls:
-        watch.watch(target.known_urls)
+        watch.watch(target.known_urls, target.known_base)
         watch.active = True
     try:
         return (yield)
@@ -399,11 +399,11 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
         pytest.fail(str(exc), pytrace=False)
     finally:
         routes.stop()
-    escapes = router.escapes.take()
+    escapes, written = router.escapes.take()
     if escapes:
         target = request.config.stash.get(_TARGET, None)
         restored = ""
-        if target is not None:
+        if target is not None and written:
             try:
                 restored = target.restore()
             except Exception as exc:

@@ -26,7 +26,7 @@ from pytest_alchemy.errors import (
     DriverMissingError,
     ProvisioningError,
 )
-from pytest_alchemy.routing import OWN_ENGINES
+from pytest_alchemy.routing import PLUGIN_ENGINES
 from pytest_alchemy.sandbox import ConnectionKeeper
 
 if TYPE_CHECKING:
@@ -112,6 +112,13 @@ class Target:
     def known_urls(self) -> tuple[URL, ...]:
         """The test database's URLs, if a test has asked for them (they may start a server)."""
         return self._urls or ()
+
+    @property
+    def known_base(self) -> tuple[URL, ...]:
+        """The base database's URL, once the test database's are known (never the default)."""
+        if not self._urls or self.base is None or dialects.is_memory(self.base):
+            return ()
+        return (self.base,)
 
     def _naming(self, *, template: bool = False) -> databases.Naming:
         s = self.settings
@@ -254,7 +261,7 @@ class Target:
             url, filled = self._provision(0)
             url, options = dialects.engine_options(url)
             engine = create_engine(url, **options)
-            OWN_ENGINES.add(engine)
+            PLUGIN_ENGINES.add(engine)
             dialects.prepare_engine(engine)
             keeper = ConnectionKeeper(engine)
             keeper.acquire()
@@ -298,7 +305,7 @@ class Target:
         url, filled = self._provision(1)  # blocks the loop once, to create the database
         url, options = dialects.engine_options(url)
         engine = create_async_engine(url, **options)
-        OWN_ENGINES.add(engine.sync_engine)
+        PLUGIN_ENGINES.add(engine.sync_engine)
         try:
             dialects.prepare_engine(engine.sync_engine)
             key = self._schema_key(url, engine)

@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 
     from pytest_alchemy.sandbox import Sandbox
 
-#: Engines the plugin itself uses on the test database; never escapes.
+#: Engines of the plugin's provisioning (create, fill, mark, heartbeats); never escapes.
 OWN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: The engines behind db_engine and async_db_engine: their own connections are outside any
+#: sandbox, so a commit through one during a test escapes like any other.
+PLUGIN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _ENGINES_INI = "alchemy_engines"
 
@@ -454,7 +457,9 @@ def database_key(url: URL) -> tuple[Any, ...] | None:
 
 
 class EscapeWatch:
-    """Notices commits to the test database, during a test, through engines not routed.
+    """Notices commits, during a test, through engines not routed: to the test database
+    (what they wrote survives the test) and to the base database named in alchemy_url (which
+    tests must never write).
 
     With ``block`` (ini ``alchemy_block_unsandboxed``), such an engine cannot even connect.
     Listens on the Engine class, so it sees engines created before and after it is installed;
@@ -464,13 +469,17 @@ class EscapeWatch:
     def __init__(self, block: bool) -> None:
         self.block = block
         self.keys: set[tuple[Any, ...]] = set()
+        self.base_keys: set[tuple[Any, ...]] = set()
         self.active = False
         self.routes: Routes | None = None
         self.escapes: list[str] = []
+        #: An escape reached the test database: it must be restored.
+        self.test_database_written = False
         self._installed = False
 
-    def watch(self, urls: Iterable[URL]) -> None:
+    def watch(self, urls: Iterable[URL], base: Iterable[URL] = ()) -> None:
         self.keys = {key for key in map(database_key, urls) if key is not None}
+        self.base_keys = {key for key in map(database_key, base) if key is not None} - self.keys
         if not self._installed and self.keys:
             self._installed = True
             event.listen(Engine, "commit", self._commit)
@@ -484,25 +493,46 @@ class EscapeWatch:
             if self.block:
                 event.remove(Engine, "engine_connect", self._connect)
 
-    def _escaping(self, engine: Engine) -> bool:
+    def _escaping(self, connection: Connection) -> str | None:
+        """``"test"`` or ``"base"``: the database an escaping connection is on; else None."""
+        from pytest_alchemy.sandbox import sandbox_of
+
+        engine = connection.engine
         if not self.active or engine in OWN_ENGINES:
-            return False
+            return None
         root = _root(engine)
         if root in OWN_ENGINES or isinstance(root.pool, (_SandboxPool, _RefusingPool)):
-            return False
-        return database_key(engine.url) in self.keys
+            return None
+        if sandbox_of(connection) is not None:  # the sandbox's own: guarded there
+            return None
+        key = database_key(engine.url)
+        if key in self.keys:
+            return "test"
+        return "base" if key in self.base_keys else None
 
     def _commit(self, connection: Connection) -> None:
-        if self._escaping(connection.engine):
+        where = self._escaping(connection)
+        if where is None:
+            return
+        engine = connection.engine
+        if where == "test":
+            self.test_database_written = True
             self.escapes.append(
-                f"{mask(connection.engine.url)} committed to the test database outside the "
-                f"test's sandbox, so what it wrote survives the test. {fix(connection.engine)}"
+                f"{mask(engine.url)} committed to the test database outside the test's "
+                f"sandbox, so what it wrote survived the test. {fix(engine)}"
+            )
+        else:
+            self.escapes.append(
+                f"{mask(engine.url)} committed to the base database named in alchemy_url, "
+                f"which tests must never write: what it wrote stays there. {fix(engine)}"
             )
 
     def _connect(self, connection: Connection) -> None:
-        if self._escaping(connection.engine):
+        where = self._escaping(connection)
+        if where is not None:
+            database = "the test database" if where == "test" else "the base database"
             message = (
-                f"{mask(connection.engine.url)} connected to the test database outside the "
+                f"{mask(connection.engine.url)} connected to {database} outside the "
                 f"test's sandbox, which alchemy_block_unsandboxed forbids. "
                 f"{fix(connection.engine)}"
             )
@@ -519,13 +549,21 @@ class EscapeWatch:
         finally:
             self.active = active
 
-    def take(self) -> list[str]:
+    def take(self) -> tuple[list[str], bool]:
+        """The escapes seen since the last call, and whether one wrote the test database."""
         found, self.escapes = self.escapes, []
-        return list(dict.fromkeys(found))
+        written, self.test_database_written = self.test_database_written, False
+        return list(dict.fromkeys(found)), written
 
 
 def fix(engine: Engine) -> str:
     """How to route ``engine``: the ini line naming where it lives, when it can be found."""
+    if _root(engine) in PLUGIN_ENGINES:
+        return (
+            "It is db_engine (or async_db_engine): its own connections, from connect() and "
+            "begin(), are outside the sandbox. Use db_connection or db_session (their async "
+            "twins in async tests), which are inside it."
+        )
     paths = list(_import_paths(_root(engine)))
     if paths:
         return (
