@@ -989,3 +989,54 @@ def test_an_async_commit_through_an_unrouted_engine_fails(async_backend: Project
             "sandbox*so no later test sees it."
         ]
     )
+
+
+WIDER_SCOPES = """
+import pytest
+
+import app
+
+
+@pytest.fixture(scope="{scope}")
+def logged_in_once():
+    app.add_with_session("{scope}-fixture")
+
+
+def test_uses_a_wider_fixture(logged_in_once):
+    pass
+
+
+def test_routing_still_works_in_tests():
+    app.add_with_session("in-test")
+    assert app.names() == ["in-test"]
+"""
+
+
+@pytest.mark.parametrize("scope", ["session", "module", "class"])
+def test_a_configured_engine_never_reaches_its_own_url_from_wider_fixtures(
+    sync_backend: Project, scope: str
+) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:engine\n")
+    sync_backend.tests(WIDER_SCOPES.format(scope=scope))
+    base = create_engine(sync_backend.url or "")
+    with base.begin() as conn:  # the developer's database, with the app's table in it
+        conn.execute(text("CREATE TABLE alchemy_item (id INTEGER PRIMARY KEY, name VARCHAR(50))"))
+    try:
+        result = sync_backend.run("-p", "no:randomly")
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*UnsandboxedEngineError: The application engine * (listed in alchemy_engines) "
+                "was used outside a test: in a module-, class- or session-scoped fixture*"
+            ]
+        )
+        with base.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM alchemy_item")).scalar() == 0
+    finally:
+        with base.begin() as conn:
+            conn.execute(text("DROP TABLE alchemy_item"))
+        assert "alchemy_item" not in inspect(base).get_table_names()
+        base.dispose()

@@ -138,6 +138,8 @@ def pytest_configure(config: pytest.Config) -> None:
     router = config.stash[_ROUTER] = routing.Router(settings.engines, settings.block_unsandboxed)
     routing.push(router)
     config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
+    if settings.engines:
+        config.pluginmanager.register(_engine_guard(), "alchemy-engine-guard")
     if config.pluginmanager.has_plugin("xdist") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(
             _XdistController(settings.run_id, settings.run_pid), "alchemy-xdist"
@@ -165,6 +167,22 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     finally:
         if watch is not None:
             watch.active = False
+
+
+def _engine_guard() -> types.ModuleType:
+    """Registered when alchemy_engines is set: its engines are guarded from the session's
+    start, before any module-, class- or session-scoped fixture can use them."""
+
+    @pytest.fixture(scope="session", autouse=True)
+    def _alchemy_engine_guard(request: pytest.FixtureRequest) -> None:
+        try:
+            request.config.stash[_ROUTER].guard()
+        except pytest.UsageError as exc:  # alchemy_engines names what cannot be imported
+            pytest.fail(str(exc), pytrace=False)
+
+    module = types.ModuleType("pytest_alchemy._engine_guard")
+    module._alchemy_engine_guard = _alchemy_engine_guard  # type: ignore[attr-defined]
+    return module
 
 
 class _XdistController:
@@ -388,6 +406,7 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
     routes = routing.Routes()
     try:
         if router.configured():
+            router.guard()  # engines made since the last test (Flask-SQLAlchemy's init_app)
             _route(request, routes, router.objects())
         elif "db_route" in request.fixturenames and _is_async_test(request):
             # db_route() runs inside the test, on its loop: too late to open the sandbox then.

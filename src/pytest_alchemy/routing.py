@@ -604,6 +604,7 @@ class Router:
         self._loaded: list[object] | None = None
         self.added: list[object] = []
         self.escapes = EscapeWatch(block)
+        self._guards: dict[int, _Refusal] = {}
 
     def configured(self) -> bool:
         return bool(self.paths or self.added)
@@ -612,6 +613,39 @@ class Router:
         if self._loaded is None:
             self._loaded = [load(path) for path in self.paths]
         return self._loaded + self.added
+
+    def guard(self) -> None:
+        """Refuse the engines of ``alchemy_engines`` outside tests' sandboxes.
+
+        Module-, class- and session-scoped fixtures run before a test's routing starts: there
+        such an engine would reach its own URL, often the developer's database, and keep what
+        it wrote. Guarded, it refuses to connect there, saying what to do; inside a test the
+        route takes over its pool, and hands the guard back after. Engines that appear later
+        (Flask-SQLAlchemy's ``init_app``) are guarded at the next call.
+        """
+        if self._loaded is None:
+            self.objects()
+        for obj in self._loaded or ():
+            for engine, _ in engines_of(obj):
+                root = _root(engine)
+                if id(root) not in self._guards:
+                    self._guards[id(root)] = _Refusal(root, _outside(root))
+
+    def unguard(self) -> None:
+        guards, self._guards = self._guards, {}
+        for refusal in reversed(list(guards.values())):
+            refusal.stop()
+
+
+def _outside(engine: Engine) -> str:
+    return (
+        f"The application engine {mask(engine.url)} (listed in {_ENGINES_INI}) was used "
+        f"outside a test: in a module-, class- or session-scoped fixture, at import or "
+        f"collection time, or after the run. While pytest-alchemy runs, such an engine only "
+        f"joins a test's sandbox: outside one it would reach {mask(engine.url)} itself (often "
+        f"the development database) and keep what it wrote. Use it from the test or a "
+        f"function-scoped fixture; rows every test needs belong in alchemy_seed."
+    )
 
 
 _ROUTERS: list[Router] = []
@@ -625,6 +659,7 @@ def pop(router: Router) -> None:
     if router in _ROUTERS:
         _ROUTERS.remove(router)
     router.escapes.uninstall()
+    router.unguard()
 
 
 def route_engines(*objects: object) -> None:
