@@ -428,3 +428,59 @@ def test_looking_at_a_vanished_sqlite_file_does_not_create_it(tmp_path: Path, dr
     with pytest.raises(Exception, match="unable to open database file"):
         databases._objects(make_url(f"{driver}:///{gone}"))
     assert not gone.exists()
+
+
+OBJECTS_SEED = """
+def seed(connection):
+    connection.exec_driver_sql("INSERT INTO alchemy_item (name) VALUES ('seeded')")
+    connection.exec_driver_sql(
+        "CREATE VIEW item_names AS SELECT name FROM alchemy_item"
+    )
+    connection.exec_driver_sql(
+        "CREATE VIEW item_count AS SELECT COUNT(*) AS n FROM item_names"
+    )
+    connection.exec_driver_sql(
+        "CREATE TRIGGER item_upper BEFORE INSERT ON alchemy_item FOR EACH ROW "
+        "SET NEW.name = UPPER(NEW.name)"
+    )
+    connection.exec_driver_sql(
+        "CREATE FUNCTION shout(word VARCHAR(50)) RETURNS VARCHAR(60) DETERMINISTIC "
+        "RETURN CONCAT(word, '!')"
+    )
+    connection.exec_driver_sql("CREATE PROCEDURE add_item(n VARCHAR(50)) "
+                               "INSERT INTO alchemy_item (name) VALUES (n)")
+    connection.exec_driver_sql(
+        "CREATE EVENT nightly ON SCHEDULE EVERY 1 DAY DISABLE DO DELETE FROM alchemy_tag"
+    )
+"""
+
+OBJECTS_TESTS = """
+from sqlalchemy import text
+
+
+def test_the_clone_has_every_object_of_the_template(db_session):
+    db_session.execute(text("CALL add_item('called')"))
+    db_session.execute(text("INSERT INTO alchemy_item (name) VALUES ('inserted')"))
+    names = db_session.execute(text("SELECT name FROM item_names ORDER BY name")).scalars()
+    # The seed's row was copied as it was; the trigger fires in the clone, not while copying.
+    assert names.all() == ["CALLED", "INSERTED", "seeded"]
+    assert db_session.execute(text("SELECT n FROM item_count")).scalar() == 3
+    assert db_session.execute(text("SELECT shout('hi')")).scalar() == "hi!"
+    events = db_session.execute(text("SHOW EVENTS")).all()
+    assert [row[1] for row in events] == ["nightly"]
+"""
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [d for d in DRIVERS if d.backend == "mysql"],
+    ids=lambda d: d.id,
+)
+def test_a_mysql_clone_has_the_templates_views_routines_triggers_and_events(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    project.pytester.makepyfile(seeding=OBJECTS_SEED)
+    project.ini("alchemy_seed = seeding:seed\n")
+    project.tests(OBJECTS_TESTS)
+    project.run().assert_outcomes(passed=1)

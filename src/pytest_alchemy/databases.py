@@ -669,22 +669,53 @@ def _clone(template: URL, target: URL, server: _Server | None) -> None:
 
 
 def _copy_mysql(conn: Connection, source: str) -> None:
-    """MySQL has no CREATE DATABASE ... TEMPLATE: copy each table's definition, then its rows."""
+    """MySQL has no CREATE DATABASE ... TEMPLATE: copy each table's definition and rows, then
+    views, routines, triggers (after the rows, so copying fires none) and events."""
     quoted = _quote(conn, source)
+
+    def show(statement: str) -> list[Any]:
+        return list(conn.exec_driver_sql(statement).all())
+
     conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
     try:
-        for table, _ in conn.exec_driver_sql(
-            f"SHOW FULL TABLES FROM {quoted} WHERE Table_type = 'BASE TABLE'"
-        ).all():
-            create = conn.exec_driver_sql(
-                f"SHOW CREATE TABLE {quoted}.{_quote(conn, table)}"
-            ).one()[1]
-            conn.exec_driver_sql(create)
-            conn.exec_driver_sql(
-                f"INSERT INTO {_quote(conn, table)} SELECT * FROM {quoted}.{_quote(conn, table)}"
-            )
+        for table, kind in show(
+            f"SHOW FULL TABLES FROM {quoted} WHERE Table_type IN ('BASE TABLE', 'SEQUENCE')"
+        ):
+            name = _quote(conn, table)
+            conn.exec_driver_sql(show(f"SHOW CREATE TABLE {quoted}.{name}")[0][1])
+            if kind == "BASE TABLE":  # a MariaDB sequence starts again from its start value
+                conn.exec_driver_sql(f"INSERT INTO {name} SELECT * FROM {quoted}.{name}")
     finally:
         conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
+    # A view's definition names the source database: the copy's must name its own.
+    views = {
+        name: show(f"SHOW CREATE VIEW {quoted}.{_quote(conn, name)}")[0][1].replace(
+            f"{quoted}.", ""
+        )
+        for name, _ in show(f"SHOW FULL TABLES FROM {quoted} WHERE Table_type = 'VIEW'")
+    }
+    while views:  # views on views: create what can be, until nothing is left
+        failed: dict[str, str] = {}
+        for name, definition in views.items():
+            try:
+                conn.exec_driver_sql(definition)
+            except Exception:
+                failed[name] = definition
+        if len(failed) == len(views):
+            conn.exec_driver_sql(next(iter(failed.values())))  # raises the real error
+        views = failed
+    for kind, name in conn.execute(
+        sql(
+            "SELECT ROUTINE_TYPE, ROUTINE_NAME FROM information_schema.ROUTINES "
+            "WHERE ROUTINE_SCHEMA = :source"
+        ),
+        {"source": source},
+    ).all():
+        conn.exec_driver_sql(show(f"SHOW CREATE {kind} {quoted}.{_quote(conn, name)}")[0][2])
+    for row in show(f"SHOW TRIGGERS FROM {quoted}"):
+        conn.exec_driver_sql(show(f"SHOW CREATE TRIGGER {quoted}.{_quote(conn, row[0])}")[0][2])
+    for row in show(f"SHOW EVENTS FROM {quoted}"):
+        conn.exec_driver_sql(show(f"SHOW CREATE EVENT {quoted}.{_quote(conn, row[1])}")[0][3])
 
 
 def _drop(url: URL, server: _Server | None) -> None:
