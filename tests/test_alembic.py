@@ -216,3 +216,43 @@ def test_missing_alembic_ini_is_a_usage_error(pytester: pytest.Pytester) -> None
     result = project.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*alchemy_alembic = 'nowhere/alembic.ini': no such file*"])
+
+
+# An env.py that reads the application's settings instead of the URL the plugin sets.
+STUBBORN_ENV = """
+from alembic import context
+from sqlalchemy import create_engine
+
+import settings
+
+engine = create_engine(settings.DATABASE_URL)
+with engine.connect() as connection:
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+
+def test_an_env_py_that_ignores_the_url_stops_the_run_with_the_fix(
+    pytester: pytest.Pytester,
+) -> None:
+    project = Project(pytester, f"sqlite:///{pytester.path}/app.sqlite3")
+    project.ini("alchemy_alembic = alembic.ini\n", metadata=False)
+    root = pytester.path
+    dev = root / "dev.sqlite3"
+    pytester.makepyfile(settings=f"DATABASE_URL = 'sqlite:///{dev}'")
+    (root / "alembic.ini").write_text(textwrap.dedent(ALEMBIC_INI))
+    (root / "migrations" / "versions").mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text(STUBBORN_ENV)
+    (root / "migrations" / "versions" / "0001_items.py").write_text(FIRST)
+    project.tests("def test_x(db_session):\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ProvisioningError: alchemy_alembic = * `alembic upgrade head` ran, but the test "
+            "database * is still empty*env.py must connect to the URL the plugin sets*"
+        ]
+    )
+    assert "built the migrations" not in result.stdout.str()

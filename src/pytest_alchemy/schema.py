@@ -15,10 +15,10 @@ from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import default
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from pytest_alchemy import dialects
+from pytest_alchemy import dialects, inventory
 from pytest_alchemy.config import ALEMBIC_INI, METADATA_INI, SEED_INI, Settings, mask
-from pytest_alchemy.databases import Recipe
-from pytest_alchemy.errors import SchemaConflictError
+from pytest_alchemy.databases import MARKER_TABLE, Recipe, run_with_connection
+from pytest_alchemy.errors import ProvisioningError, SchemaConflictError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -180,6 +180,28 @@ def _upgrade(ini: str, configured: URL | None, url: URL) -> None:
     thread.join()
     if errors:
         raise errors[0]
+    _check_upgraded(ini, config, url)
+
+
+def _check_upgraded(ini: str, config: object, url: URL) -> None:
+    """Stop if the migrations did not land in the test database: an env.py that reads the URL
+    from the application's settings has just migrated that database instead."""
+    from alembic.script import ScriptDirectory
+
+    if not ScriptDirectory.from_config(config).get_heads():  # type: ignore[arg-type]
+        return  # no revision: nothing to find
+    found = run_with_connection(
+        url, lambda c: inventory.objects(c, skip=MARKER_TABLE), autocommit=True
+    )
+    if not found:
+        raise ProvisioningError(
+            f"{ALEMBIC_INI} = {ini!r}: `alembic upgrade head` ran, but the test database "
+            f"{mask(url)} is still empty, so the migrations went to another database: most "
+            f"likely the one env.py reads from the application's settings, which they have now "
+            f"upgraded. env.py must connect to the URL the plugin sets in the Alembic config: "
+            f"engine_from_config(config.get_section(config.config_ini_section), "
+            f"prefix='sqlalchemy.'), or config.get_main_option('sqlalchemy.url')."
+        )
 
 
 def fingerprint(
