@@ -259,3 +259,59 @@ def test_a_provisioning_error_is_shown_once_per_test(pytester: pytest.Pytester) 
     output = result.stdout.str()
     assert "During handling of the above exception" not in output
     assert output.count("is a system database") == 2  # once in each error's report
+
+
+class SilentServer(RefusingServer):
+    """Accepts connections and never says a word (a hung server, a firewall's black hole)."""
+
+    def __init__(self) -> None:
+        self.held: list[socket.socket] = []
+        super().__init__()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self.held.append(conn)
+
+    def close(self) -> None:
+        super().close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    ("driver", "source"),
+    [
+        ("mysql+pymysql", THREE_TESTS),
+        ("mysql+asyncmy", THREE_ASYNC_TESTS),
+        ("mysql+aiomysql", THREE_ASYNC_TESTS),
+    ],
+    ids=["pymysql", "asyncmy", "aiomysql"],
+)
+def test_a_mysql_server_that_never_answers_fails_fast(
+    pytester: pytest.Pytester, driver: str, source: str
+) -> None:
+    server = SilentServer()
+    try:
+        project = Project(pytester, f"{driver}://root:s3cret@127.0.0.1:{server.port}/app")
+        project.ini(metadata=False)
+        project.tests(source.format(count=3))
+        result = project.run(subprocess=True)  # would hang for good without the check
+        result.assert_outcomes(errors=3)
+        result.stdout.fnmatch_lines(
+            [
+                "*DatabaseUnavailableError: Cannot connect to the test database "
+                f"{driver}://root:***@127.0.0.1:{server.port}/test_app *accepted the "
+                "connection but sent no greeting within 5 s*"
+            ]
+        )
+        assert server.accepted == 1  # later tests reuse the first failure
+        assert "s3cret" not in result.stdout.str()
+    finally:
+        server.close()

@@ -134,6 +134,31 @@ def engine_options(url: URL) -> tuple[URL, dict[str, Any]]:
     return url, options
 
 
+def check_greeting(url: URL, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail fast against a MySQL/MariaDB server that accepts TCP and never answers.
+
+    The server speaks first on a new connection. The drivers bound only the TCP connect with
+    ``connect_timeout``; waiting for the greeting, PyMySQL, asyncmy and aiomysql hang for good.
+    Raises TimeoutError or ConnectionError; does nothing for other backends and sockets.
+    """
+    if _split(url)[0] != "mysql" or "unix_socket" in url.query:
+        return
+    import socket
+
+    host, port = url.host or "localhost", url.port or 3306
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        try:
+            greeting = sock.recv(1)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the server at {host}:{port} accepted the connection but sent no greeting "
+                f"within {timeout:.0f} s"
+            ) from None
+    if not greeting:
+        raise ConnectionError(f"the server at {host}:{port} closed the connection at once")
+
+
 def prepare_engine(engine: Engine) -> None:
     """Install what the backend needs for SAVEPOINTs to work; idempotent.
 

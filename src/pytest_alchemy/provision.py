@@ -70,6 +70,7 @@ class Target:
         self._databases: dict[str, databases.ProvisionedDatabase] = {}
         self._swept = False
         self._own_names = False  # the usual names are another live run's
+        self._greeted = False  # the server answered a first connection
         self.owner = ownership.Owner(settings.run_id, settings.run_pid)
         self._heartbeats = ownership.Heartbeats(
             functools.partial(databases.beat, run_id=settings.run_id)
@@ -136,6 +137,9 @@ class Target:
         url = self.urls[which]
         if self.base is None or dialects.is_memory(url):
             return url, False
+        if not self._greeted:
+            dialects.check_greeting(url)
+            self._greeted = True
         if not self._swept and not self.settings.reuse:
             self._swept = True
             base = self.base.set(drivername=url.drivername)
