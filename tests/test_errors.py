@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Project
+from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, Project, project_for
 from sqlalchemy import create_engine, text
 
 if TYPE_CHECKING:
@@ -315,3 +315,65 @@ def test_a_mysql_server_that_never_answers_fails_fast(
         assert "s3cret" not in result.stdout.str()
     finally:
         server.close()
+
+
+# The first test's teardown ends its (kept, idle) connection from outside, as a server
+# restart, wait_timeout or pg_terminate_backend would; the next test is innocent.
+KILLED_WHILE_IDLE = """
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+SEEN = {{}}
+
+
+@pytest.fixture
+def kill_after():
+    yield
+    engine = create_engine({admin!r})
+    with engine.connect() as conn:
+        conn.execute(text({kill!r}), {{"id": SEEN["id"]}})
+        conn.commit()
+    engine.dispose()
+    time.sleep(0.3)  # the server ends the connection asynchronously
+
+
+{tests}
+"""
+SYNC_KILLED = """
+def test_1_holds_the_kept_connection(kill_after, db_session):
+    SEEN["id"] = db_session.execute(text({whoami!r})).scalar()
+
+
+def test_2_is_innocent(db_session):
+    assert db_session.execute(text({whoami!r})).scalar() != SEEN["id"]
+"""
+ASYNC_KILLED = """
+@pytest.mark.asyncio
+async def test_1_holds_the_kept_connection(kill_after, async_db_session):
+    SEEN["id"] = (await async_db_session.execute(text({whoami!r}))).scalar()
+
+
+@pytest.mark.asyncio
+async def test_2_is_innocent(async_db_session):
+    assert (await async_db_session.execute(text({whoami!r}))).scalar() != SEEN["id"]
+"""
+WHOAMI = {"postgresql": "SELECT pg_backend_pid()", "mysql": "SELECT CONNECTION_ID()"}
+KILL = {"postgresql": "SELECT pg_terminate_backend(:id)", "mysql": "KILL :id"}
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [d for d in SYNC_DRIVERS + ASYNC_DRIVERS if d.backend != "sqlite"],
+    ids=lambda d: d.id,
+)
+def test_a_connection_closed_by_the_server_between_tests_fails_no_test(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini(metadata=False)
+    tests = (ASYNC_KILLED if driver.is_async else SYNC_KILLED).format(whoami=WHOAMI[driver.backend])
+    admin = scratch_databases[driver.backend]
+    project.tests(KILLED_WHILE_IDLE.format(admin=admin, kill=KILL[driver.backend], tests=tests))
+    project.run("-p", "no:randomly").assert_outcomes(passed=2)

@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pytest_alchemy import dialects
 from pytest_alchemy.sandbox import Sandbox, reset, restart_savepoint_names
 
 if TYPE_CHECKING:
@@ -64,6 +65,11 @@ class LoopState:
         if self.expired:
             await self.discard_connection()
         conn = self.connection
+        if conn is not None and not (conn.closed or conn.invalidated):
+            raw = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+            if dialects.looks_dead(raw):  # closed by the server while idle
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
         if conn is None or conn.closed or conn.invalidated:
             if conn is not None:
                 await conn.close()

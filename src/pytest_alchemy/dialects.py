@@ -159,6 +159,45 @@ def check_greeting(url: URL, timeout: float = CONNECT_TIMEOUT) -> None:
         raise ConnectionError(f"the server at {host}:{port} closed the connection at once")
 
 
+def _socket_fd(dbapi_connection: Any) -> int | None:
+    """The file descriptor of a driver connection's socket, where the driver shows it."""
+    raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    try:
+        if callable(getattr(raw, "fileno", None)):  # psycopg 3 (sync and async), psycopg2
+            return int(raw.fileno())
+        sock = getattr(raw, "_sock", None)  # PyMySQL, asyncmy
+        if sock is not None and callable(getattr(sock, "fileno", None)):
+            return int(sock.fileno())
+        transport = getattr(raw, "_transport", None)  # asyncpg
+        if transport is None:
+            transport = getattr(getattr(raw, "_writer", None), "transport", None)  # aiomysql
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            return int(sock.fileno()) if sock is not None else None
+    except Exception:  # closed, or a driver that does not work this way
+        return None
+    return None
+
+
+def looks_dead(dbapi_connection: Any) -> bool:
+    """Whether an idle connection was closed under us (server restart, ``wait_timeout``,
+    ``pg_terminate_backend``), told with no round trip: an idle connection's socket has
+    nothing to read unless the server said goodbye (or sent something unasked, which as
+    well makes the connection one to replace). SQLite and unknown drivers: False."""
+    fd = _socket_fd(dbapi_connection)
+    if fd is None or fd < 0:
+        return fd is not None
+    import select
+
+    try:
+        poller = select.poll()
+    except AttributeError:  # Windows
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable)
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
 def prepare_engine(engine: Engine) -> None:
     """Install what the backend needs for SAVEPOINTs to work; idempotent.
 

@@ -612,6 +612,8 @@ class ConnectionKeeper:
 
     def acquire(self) -> Connection:
         conn = self._connection
+        if conn is not None and not (conn.closed or conn.invalidated) and _dead(conn):
+            conn.invalidate()  # closed by the server while idle: not this test's fault
         if conn is None or conn.closed or conn.invalidated:
             if conn is not None:
                 conn.close()
@@ -622,6 +624,10 @@ class ConnectionKeeper:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def _dead(connection: Connection) -> bool:
+    return dialects.looks_dead(connection.connection.dbapi_connection)
 
 
 def close_session_after(session: Session) -> None:
