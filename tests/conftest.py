@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 for _driver in (
     "sqlalchemy.orm",
     "sqlalchemy.ext.asyncio",
+    # A dialect package imported a second time registers its SQL functions again (SAWarning).
+    "sqlalchemy.dialects.postgresql",
+    "sqlalchemy.dialects.mysql",
+    "sqlalchemy.dialects.sqlite",
+    "alembic.command",
+    "alembic.script",
     "fastapi",
     "flask",
     "flask_sqlalchemy",

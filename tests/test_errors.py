@@ -377,3 +377,82 @@ def test_a_connection_closed_by_the_server_between_tests_fails_no_test(
     admin = scratch_databases[driver.backend]
     project.tests(KILLED_WHILE_IDLE.format(admin=admin, kill=KILL[driver.backend], tests=tests))
     project.run("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+FAILING_SEED = """
+def helper(connection):
+    connection.exec_driver_sql("INSERT INTO nowhere VALUES (1)")
+
+
+def seed(connection):
+    helper(connection)
+"""
+
+
+def test_a_failing_seed_shows_its_own_frames_once_not_cannot_connect(
+    pytester: pytest.Pytester,
+) -> None:
+    project = Project(pytester, f"sqlite:///{pytester.path}/app.sqlite3")
+    pytester.makepyfile(seeding=FAILING_SEED)
+    project.ini("alchemy_seed = seeding:seed\n")
+    project.tests(THREE_TESTS.format(count=3))
+    result = project.run()
+    result.assert_outcomes(errors=3)
+    output = result.stdout.str()
+    assert "Cannot connect" not in output
+    result.stdout.fnmatch_lines(
+        [
+            "alchemy: alchemy_seed = 'seeding:seed' raised OperationalError: no such "
+            "table: nowhere, at:",
+            '  File "*seeding.py", line 6, in seed',
+            "    helper(connection)",
+            '  File "*seeding.py", line 2, in helper',
+        ]
+    )
+    assert output.count('seeding.py", line 2, in helper') == 1  # once for the run
+    assert output.count("ProvisioningError: alchemy_seed = 'seeding:seed' raised") == 3
+    assert "pytest_alchemy" not in output.split("short test summary")[0]
+
+
+FAILING_MIGRATION = """
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+from alembic import op
+
+
+def upgrade():
+    op.execute("CREATE TABLE broken (")
+
+
+def downgrade():
+    pass
+"""
+
+
+def test_a_failing_migration_shows_its_own_frames_not_a_missing_driver(
+    pytester: pytest.Pytester,
+) -> None:
+    from test_alembic import ALEMBIC_INI, SYNC_ENV
+
+    project = Project(pytester, f"sqlite:///{pytester.path}/app.sqlite3")
+    project.ini("alchemy_alembic = alembic.ini\n", metadata=False)
+    root = pytester.path
+    (root / "alembic.ini").write_text(ALEMBIC_INI)
+    (root / "migrations" / "versions").mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text("import no_such_module_here\n" + SYNC_ENV)
+    (root / "migrations" / "versions" / "0001_broken.py").write_text(FAILING_MIGRATION)
+    project.tests(THREE_TESTS.format(count=1))
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str()
+    assert "DriverMissingError" not in output
+    assert "Cannot connect" not in output
+    result.stdout.fnmatch_lines(
+        [
+            "ProvisioningError: alchemy_alembic = '*alembic.ini': `alembic upgrade head` raised "
+            "ModuleNotFoundError: No module named 'no_such_module_here'",
+        ]
+    )

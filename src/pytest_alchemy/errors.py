@@ -37,6 +37,9 @@ class SchemaConflictError(AlchemyError):
 class ProvisioningError(AlchemyError):
     """The test database cannot be created or used safely."""
 
+    #: Where the user's own code failed (a seed, a migration): shown once, not per test.
+    details: str = ""
+
 
 class SandboxBrokenError(AlchemyError):
     """A test ended or escaped its transactional sandbox."""

@@ -216,6 +216,9 @@ class Target:
         origin = self._origin(url, setting)
         option = setting.option
         if isinstance(exc, AlchemyError):
+            details = getattr(exc, "details", "")
+            if details:  # once, for the whole run: every test repeats only the message
+                self._report(f"{exc}, at:\n{details}")
             return exc
         if isinstance(exc, (ImportError, NoSuchModuleError)):
             return DriverMissingError(

@@ -6,7 +6,9 @@ import functools
 import hashlib
 import importlib
 import inspect as inspect_module
+import os
 import threading
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,7 +120,10 @@ def recipe(
         if metadatas:
             build(connection, metadatas, mask(connection.engine.url))
         if seed is not None:
-            seed(connection)
+            try:
+                seed(connection)
+            except Exception as exc:
+                raise user_code_failed(f"{SEED_INI} = {settings.seed!r}", exc) from None
 
     def empty(connection: Connection) -> None:
         if settings.alembic:  # what the migrations made: everything in this (adopted) database
@@ -179,8 +184,32 @@ def _upgrade(ini: str, configured: URL | None, url: URL) -> None:
     thread.start()
     thread.join()
     if errors:
-        raise errors[0]
+        if not isinstance(errors[0], Exception):
+            raise errors[0]  # KeyboardInterrupt, SystemExit
+        raise user_code_failed(f"{ALEMBIC_INI} = {ini!r}: `alembic upgrade head`", errors[0])
     _check_upgraded(ini, config, url)
+
+
+_LIBRARIES = tuple(
+    f"{os.sep}{name}{os.sep}" for name in ("sqlalchemy", "alembic", "pytest_alchemy", "asyncio")
+)
+
+
+def user_code_failed(what: str, exc: BaseException) -> ProvisioningError:
+    """The error of the user's seed or migrations, with the user's own frames in it (not the
+    plugin's, SQLAlchemy's or Alembic's), and not mistaken for a connection failure."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.endswith("threading.py")
+        and not frame.filename.startswith("<frozen")
+        and not any(part in frame.filename for part in _LIBRARIES)
+    ]
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else ""
+    error = ProvisioningError(f"{what} raised {type(exc).__name__}: {first}")
+    error.details = "".join(traceback.format_list(frames[-8:])).rstrip()
+    return error
 
 
 def _check_upgraded(ini: str, config: object, url: URL) -> None:
