@@ -182,9 +182,11 @@ BASE = {base!r}
 
 def test_writes_the_base_database(db_session):
     engine = create_engine(BASE)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE IF NOT EXISTS developer_notes (id INTEGER)"))
-    engine.dispose()
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE IF NOT EXISTS developer_notes (id INTEGER)"))
+    finally:
+        engine.dispose()
 """
 
 

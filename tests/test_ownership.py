@@ -457,3 +457,55 @@ def test_lock_files_are_private_to_the_user_and_removed_when_done(
     )
     assert done.returncode != 0
     assert f"The lock folder {folder} is not private to this user" in done.stdout
+
+
+# -- 14. interrupts and crashed workers -------------------------------------------------------
+
+CRASHING = """
+import os, pathlib, time
+
+import pytest
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_work(db_session, n):
+    from sqlalchemy import text
+    db_session.execute(text("SELECT 1"))
+    if n == 0:
+        os._exit(3)  # the worker dies, its database left behind
+
+
+def test_waits_to_be_interrupted(db_session):
+    root = pathlib.Path({root!r})
+    if not (root / "interrupt").exists():
+        return
+    (root / "a-ready").write_text("")
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["crashed-worker", "ctrl-c"])
+def test_crashed_and_interrupted_xdist_runs_leave_nothing(project: Project, how: str) -> None:
+    url, name = _target(project)
+    root = project.pytester.path
+    project.tests(CRASHING.format(root=str(root)))
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-q"]
+    if how == "crashed-worker":
+        done = subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert "crashed" in done.stdout, done.stdout
+    else:
+        (root / "interrupt").write_text("")
+        run = subprocess.Popen(
+            [*command, "-k", "interrupted"], cwd=root, stdout=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 120
+        while not (root / "a-ready").exists():
+            if run.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run did not get going: {run.communicate()[0]}")
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        output = run.communicate(timeout=120)[0]
+        assert "KeyboardInterrupt" in output, output
+    assert _derived_databases(url, name) == []

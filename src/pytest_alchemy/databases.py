@@ -571,14 +571,16 @@ def _empty_adopted(url: URL, recorded: list[inventory.Object] | None) -> None:
     run_with_connection(url, empty, autocommit=False)
 
 
-def sweep(base: URL, naming: Naming, owner: Owner) -> list[str]:
+def sweep(base: URL, naming: Naming, owner: Owner, *, ours: bool = False) -> list[str]:
     """Clear what earlier runs that are gone left behind under names we derive.
 
     ``base`` is the configured URL. Only names this plugin derives from it are looked at
     (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``, ``test_myapp_r1a2b3c4d``),
     and only those with a legible marker whose holder is gone (see
     :func:`pytest_alchemy.ownership.holder_alive`) are touched: dropped if a run created them,
-    emptied of what it created if they were adopted. Returns what was done, one line each.
+    emptied of what it created if they were adopted. With ``ours``, instead, those held by
+    ``owner``'s own run (what crashed or interrupted workers left, at the end of the run).
+    Databases kept for reuse, and released, are left. Returns what was done, one line each.
     """
     if dialects.is_memory(base):
         return []
@@ -602,14 +604,21 @@ def sweep(base: URL, naming: Naming, owner: Owner) -> list[str]:
         url = base.set(database=name)
         try:
             found = _look(url)
-            if not found.legible or ownership.holder_alive(found.holder, owner.run_id):
+            if not found.legible:
                 continue
+            holder = found.holder
+            if ours:
+                if holder.get("run_id") != owner.run_id or holder.get("released") is not None:
+                    continue
+            elif ownership.holder_alive(holder, owner.run_id):
+                continue
+            who = "this run's workers" if ours else "a run that is gone"
             if found.adopted:
                 _empty_adopted(url, found.recorded)
-                done.append(f"emptied {mask(url)} of what a run that is gone built there")
+                done.append(f"emptied {mask(url)} of what {who} built there")
             else:
                 _drop(url, server)
-                done.append(f"dropped {mask(url)}, left by a run that is gone")
+                done.append(f"dropped {mask(url)}, left by {who}")
         except Exception:  # gone meanwhile (another worker swept it), or not ours to read
             continue
     return done

@@ -215,9 +215,27 @@ class _XdistController:
         for template, kept in sorted(self.templates.items()):
             with contextlib.suppress(Exception):  # a worker's throwaway server is gone already
                 databases.release_template(make_url(template), self.run_id, kept=kept)
+        settings = session.config.stash[_SETTINGS]
+        if settings.reuse:
+            return
+        # What workers that crashed or were interrupted (Ctrl-C) could not drop themselves.
+        with contextlib.suppress(Exception):
+            for line in _clear_workers_leftovers(settings):
+                _report(session.config, line)
 
 
 _TEMPLATES_KEY = "alchemy_templates"
+
+
+def _clear_workers_leftovers(settings: _config.Settings) -> list[str]:
+    from pytest_alchemy import databases, dialects, ephemeral, ownership
+
+    url = settings.url.url
+    if url is None or ephemeral.wanted(url) or dialects.is_memory(url):
+        return []  # pytest's temporary directory; a worker's own server
+    naming = databases.Naming(settings.test_database, settings.database_suffix)
+    owner = ownership.Owner(settings.run_id, settings.run_pid)
+    return databases.sweep(url, naming, owner, ours=True)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -537,6 +537,7 @@ class EscapeWatch:
                 f"{fix(connection.engine)}"
             )
             self.escapes.append(message)
+            connection.invalidate()  # closes the DBAPI connection too: nothing left pooled
             connection.close()
             raise UnsandboxedEngineError(message)
 
