@@ -456,3 +456,31 @@ def test_a_failing_migration_shows_its_own_frames_not_a_missing_driver(
             "ModuleNotFoundError: No module named 'no_such_module_here'",
         ]
     )
+
+
+REFUSED_TABLE = """
+from sqlalchemy import CheckConstraint, Column, Integer, MetaData, Table
+
+metadata = MetaData()
+Table("notes", metadata, Column("id", Integer, primary_key=True), CheckConstraint("id >>>> ("))
+"""
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [d for d in SYNC_DRIVERS if d.id in ("sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")],
+    ids=lambda d: d.id,
+)
+def test_a_table_the_server_refuses_is_not_cannot_connect(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(notes=REFUSED_TABLE)
+    project.ini("alchemy_metadata = notes:metadata\n", metadata=False)
+    project.tests(THREE_TESTS.format(count=1))
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    assert "Cannot connect" not in result.stdout.str()
+    result.stdout.fnmatch_lines(
+        ["*ProvisioningError: alchemy_metadata: creating the tables raised *Error: *"]
+    )

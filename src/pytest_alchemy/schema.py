@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import default
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pytest_alchemy import dialects, inventory
@@ -85,7 +86,10 @@ def build(connection: Connection, metadatas: list[MetaData], where: str) -> None
             f"already in place."
         )
     for metadata in metadatas:
-        metadata.create_all(connection, checkfirst=False)
+        try:
+            metadata.create_all(connection, checkfirst=False)
+        except DBAPIError as exc:  # the server refused a table: not a connection problem
+            raise user_code_failed(f"{METADATA_INI}: creating the tables", exc) from None
 
 
 def load_seed(path: str | None) -> Callable[[Connection], object] | None:
