@@ -38,7 +38,10 @@ class RefusingServer:
             except OSError:
                 return
             self.accepted += 1
-            conn.close()
+            self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -268,16 +271,8 @@ class SilentServer(RefusingServer):
         self.held: list[socket.socket] = []
         super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self.held.append(conn)
+    def answer(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
     def close(self) -> None:
         super().close()
