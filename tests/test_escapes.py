@@ -85,8 +85,8 @@ ASYNC_ESCAPES: dict[str, dict[str, tuple[str, str]]] = {
     },
     "mysql-aiomysql": {"raw-commit": ("await raw.driver_connection.commit()", "ended")},
     # asyncmy keeps the last non-zero server status, so it cannot tell that a transaction
-    # ended: for it the statement guard is what holds (see dialects.transaction_probe).
-    "mysql-asyncmy": {},
+    # ended: the server is asked at teardown (see dialects.ends_unseen).
+    "mysql-asyncmy": {"raw-commit": ("await raw.driver_connection.commit()", "ended")},
 }
 COMMON_ASYNC = {
     "commented-commit": ('await async_db_session.execute(text("/* x */ COMMIT"))', "refused")

@@ -155,6 +155,15 @@ class AsyncSandbox:
     async def end(self) -> None:
         """Roll the outer transaction back; idempotent. Problems are left in ``core.problem``."""
         core = self.core
+        query = core.asks_server
+        if query is not None and not self.connection.closed:
+            try:
+                result = await asyncio.wait_for(
+                    self.connection.exec_driver_sql(query), TEARDOWN_TIMEOUT
+                )
+                core.server_says(bool(result.scalar()))
+            except Exception as exc:  # a broken connection: teardown invalidates it
+                core.teardown_failed(exc)
         action = core.begin_teardown()
         try:
             if action == "rollback":

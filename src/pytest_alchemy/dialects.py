@@ -316,8 +316,8 @@ def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], 
     - asyncpg: the protocol's transaction state;
     - PyMySQL and aiomysql: the server status flags of the last reply, which
       also say when autocommit was switched on. asyncmy never records a status of 0 (its
-      ``server_status`` keeps the last non-zero one), so it cannot tell that a transaction
-      ended: there the statement guard is all there is;
+      ``server_status`` keeps the last non-zero one): it tells that a transaction began, or
+      that autocommit is on, never that a transaction ended (see :func:`ends_unseen`);
     - sqlite3 and aiosqlite: ``in_transaction``.
     """
     raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
@@ -331,13 +331,28 @@ def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], 
         return None
     if family == "mysql":
         if type(raw).__module__.startswith("asyncmy"):
-            return None
+            return lambda: _asyncmy_state(raw.server_status)
         if hasattr(raw, "server_status"):
             return lambda: _mysql_state(raw.server_status)
         return None
     if family == "sqlite" and hasattr(raw, "in_transaction"):
         return lambda: IN_TRANSACTION if raw.in_transaction else NO_TRANSACTION
     return None
+
+
+def ends_unseen(dialect_name: str, dbapi_connection: Any) -> str | None:
+    """For a driver whose probe cannot see a transaction end: the query that asks the server
+    (one round trip, at teardown, only after a transaction was seen open)."""
+    raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    if dialect_name in ("mysql", "mariadb") and type(raw).__module__.startswith("asyncmy"):
+        return "SELECT @@in_transaction"
+    return None
+
+
+def _asyncmy_state(status: int) -> int | None:
+    if status & _MYSQL_AUTOCOMMIT:
+        return AUTOCOMMIT
+    return IN_TRANSACTION if status & _MYSQL_IN_TRANS else None
 
 
 def _pg_state(info: Any) -> int | None:

@@ -183,6 +183,7 @@ class Sandbox:
         #: The outer transaction ended behind the plugin's back: the database needs restoring.
         self.escaped = False
         self._probe: Callable[[], int | None] | None = None
+        self.ask_at_teardown: str | None = None
         self._seen_open = False  # the driver has reported the outer transaction open
         self.gate = Gate()
         #: Held by routed engines around each use of the connection, which threads share.
@@ -204,8 +205,24 @@ class Sandbox:
         """From now on, ask the driver after each statement whether the outer transaction
         still stands (see :meth:`check_transaction`)."""
         dbapi_connection = self.connection.connection.dbapi_connection
-        self._probe = dialects.transaction_probe(self.connection.dialect.name, dbapi_connection)
+        name = self.connection.dialect.name
+        self._probe = dialects.transaction_probe(name, dbapi_connection)
+        #: Asked of the server at teardown, where the driver cannot see an end (asyncmy).
+        self.ask_at_teardown = dialects.ends_unseen(name, dbapi_connection)
         self._seen_open = False
+
+    @property
+    def asks_server(self) -> str | None:
+        """The query to confirm at teardown that the outer transaction stands, if needed."""
+        if self.ask_at_teardown and self._seen_open and not (self.escaped or self._ended):
+            return self.ask_at_teardown
+        return None
+
+    def server_says(self, still_open: bool) -> None:
+        """What the server answered to :attr:`asks_server`."""
+        if not still_open:
+            self._probe = lambda: dialects.NO_TRANSACTION
+            self.check_transaction(None)
 
     def check_transaction(self, statement: str | None, *, before: bool = False) -> str | None:
         """Whether the outer transaction has ended; returns the problem if it just did.
