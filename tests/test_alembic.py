@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import textwrap
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import Driver, Project, project_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DRIVERS = [
     Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
@@ -256,3 +260,25 @@ def test_an_env_py_that_ignores_the_url_stops_the_run_with_the_fix(
         ]
     )
     assert "built the migrations" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    "locations",
+    [
+        "version_locations = %(here)s/migrations/versions %(here)s/extra",
+        "version_path_separator = os\n"
+        "version_locations = %(here)s/migrations/versions:%(here)s/extra",
+    ],
+    ids=["spaces", "os-separator"],
+)
+def test_the_fingerprint_covers_alembic_version_locations(tmp_path: Path, locations: str) -> None:
+    from pytest_alchemy.schema import fingerprint
+
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(textwrap.dedent(ALEMBIC_INI) + locations + "\n")
+    (tmp_path / "migrations" / "versions").mkdir(parents=True)
+    (tmp_path / "migrations" / "env.py").write_text(SYNC_ENV)
+    (tmp_path / "extra").mkdir()
+    before = fingerprint([], None, str(ini))
+    (tmp_path / "extra" / "0009_more.py").write_text("revision = '0009'\n")
+    assert fingerprint([], None, str(ini)) != before

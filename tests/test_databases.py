@@ -484,3 +484,97 @@ def test_a_mysql_clone_has_the_templates_views_routines_triggers_and_events(
     project.ini("alchemy_seed = seeding:seed\n")
     project.tests(OBJECTS_TESTS)
     project.run().assert_outcomes(passed=1)
+
+
+def _fingerprint_of(backend: str, *columns: object, **table: object) -> str:
+    from sqlalchemy import Column, Integer, MetaData, Table
+
+    from pytest_alchemy.schema import fingerprint
+
+    md = MetaData()
+    Table("t", md, Column("id", Integer, primary_key=True), *columns, **table)  # type: ignore[arg-type]
+    return fingerprint([md], None, None, backend)
+
+
+def test_the_fingerprint_compiles_dialect_types_with_the_targets_dialect() -> None:
+    from sqlalchemy import JSON, Column, Enum, Index, String, text
+    from sqlalchemy.dialects.postgresql import ARRAY, INET, JSONB, TSVECTOR
+    from sqlalchemy.types import TypeDecorator
+
+    class Tags(TypeDecorator[str]):
+        impl = String(20)
+        cache_ok = True
+
+    class LongTags(TypeDecorator[str]):
+        impl = String(40)
+        cache_ok = True
+
+    pg = [
+        Column("doc", JSONB),
+        Column("tags", ARRAY(String(10))),
+        Column("ip", INET),
+        Column("search", TSVECTOR),
+    ]
+    assert _fingerprint_of("postgresql", *pg)  # the generic dialect raised CompileError here
+    for backend in ("sqlite", "mysql", "mariadb", "postgresql"):
+        assert _fingerprint_of(backend, Column("doc", JSON))
+
+    def differ(a: list[object], b: list[object], backend: str = "postgresql") -> bool:
+        return _fingerprint_of(backend, *a) != _fingerprint_of(backend, *b)
+
+    assert differ([Column("s", String(5), server_default="a")], [Column("s", String(5))])
+    assert differ([Column("m", Enum("a", "b", name="m"))], [Column("m", Enum("a", "c", name="m"))])
+    assert differ([Column("x", Tags)], [Column("x", LongTags)])
+    name = Column("name", String(20))
+    partial = _fingerprint_of(
+        "postgresql", name, Index("ix", "name", postgresql_where=text("name <> ''"))
+    )
+    name = Column("name", String(20))
+    other = _fingerprint_of(
+        "postgresql", name, Index("ix", "name", postgresql_where=text("name <> 'x'"))
+    )
+    assert partial != other
+    expression = Column("name", String(20))
+    assert _fingerprint_of(
+        "postgresql", expression, Index("ix_lower", text("lower(name)"))
+    ) != _fingerprint_of("postgresql", Column("name", String(20)))
+
+
+JSONB_MODELS = """
+from sqlalchemy import String
+from sqlalchemy.dialects.postgresql import ARRAY, INET, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Doc(Base):
+    __tablename__ = "alchemy_doc"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[dict] = mapped_column(JSONB)
+    tags: Mapped[list] = mapped_column(ARRAY(String(10)))
+    ip: Mapped[str] = mapped_column(INET, nullable=True)
+"""
+
+
+def test_a_postgresql_schema_with_jsonb_and_arrays_is_provisioned(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    driver = next(d for d in DRIVERS if d.id == "postgresql-psycopg")
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(models=JSONB_MODELS)
+    project.ini()
+    project.tests(
+        """
+from models import Doc
+
+
+def test_stores_a_document(db_session):
+    db_session.add(Doc(body={"a": [1, 2]}, tags=["x", "y"]))
+    db_session.commit()
+    assert db_session.query(Doc).one().body == {"a": [1, 2]}
+"""
+    )
+    project.run().assert_outcomes(passed=1)

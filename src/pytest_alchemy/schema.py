@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import configparser
 import functools
 import hashlib
 import importlib
 import inspect as inspect_module
 import os
+import re
 import threading
 import traceback
 from pathlib import Path
@@ -26,7 +28,7 @@ from pytest_alchemy.errors import ProvisioningError, SchemaConflictError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.engine import URL, Connection
+    from sqlalchemy.engine import URL, Connection, Dialect
 
 
 def load_object(key: str, path: str, expected: str) -> object:
@@ -147,7 +149,8 @@ def recipe(
     tables = sum(len(md.tables) for md in metadatas)
     plural = "" if tables == 1 else "s"
     describe = " and ".join(parts) + (f" ({tables} table{plural})" if metadatas else "")
-    digest = fingerprint(metadatas, seed, settings.alembic)
+    backend = configured.get_backend_name() if configured is not None else "sqlite"
+    digest = fingerprint(metadatas, seed, settings.alembic, backend)
     return Recipe(fill, empty, digest, describe, migrate)
 
 
@@ -238,21 +241,35 @@ def _check_upgraded(ini: str, config: object, url: URL) -> None:
 
 
 def fingerprint(
-    metadatas: list[MetaData], seed: Callable[..., object] | None, alembic: str | None = None
+    metadatas: list[MetaData],
+    seed: Callable[..., object] | None,
+    alembic: str | None = None,
+    backend: str = "sqlite",
 ) -> str:
-    """A digest of what the recipe builds: every table's DDL, the Alembic scripts (alembic.ini
-    and every file of its script location), and the seed's module source."""
+    """A digest of what the recipe builds: every table's and index's DDL as ``backend``
+    compiles it, enum values, the Alembic scripts (alembic.ini and every file of its script
+    and version locations), and the seed's module source.
+
+    Compiled with the target's dialect (by backend, not driver: the sync and async URLs of one
+    database share it): the generic one cannot compile JSONB, ARRAY, INET and other dialect
+    types, and would miss what only the target's DDL shows (partial index conditions).
+    """
     digest = hashlib.sha256()
     if alembic is not None:
         for path in _alembic_files(alembic):
             digest.update(str(path).encode())
             digest.update(path.read_bytes())
-    dialect = default.DefaultDialect()
+    dialect = _dialect(backend)
     for metadata in metadatas:
         for table in metadata.sorted_tables:
             digest.update(str(CreateTable(table).compile(dialect=dialect)).encode())
             for index in sorted(table.indexes, key=lambda i: i.name or ""):
                 digest.update(str(CreateIndex(index).compile(dialect=dialect)).encode())
+            for column in table.columns:
+                kind = column.type
+                values = getattr(getattr(kind, "impl", kind), "enums", None)
+                if values:  # a native enum's values are in CREATE TYPE, not in CREATE TABLE
+                    digest.update(repr((column.key, list(values))).encode())
     if seed is not None:
         module = inspect_module.getmodule(seed)
         try:
@@ -262,14 +279,38 @@ def fingerprint(
     return digest.hexdigest()
 
 
-def _alembic_files(ini: str) -> list[Path]:
-    """alembic.ini and the files of its script location, in a stable order."""
-    import configparser
+def _dialect(backend: str) -> Dialect:
+    """The dialect of ``backend`` (its default driver's: DDL does not depend on the driver)."""
+    from sqlalchemy.engine import make_url
 
+    try:
+        return make_url(f"{backend}://").get_dialect()()
+    except Exception:  # a third-party backend that cannot load without its driver
+        return default.DefaultDialect()
+
+
+def _alembic_files(ini: str) -> list[Path]:
+    """alembic.ini and the files of its script and version locations, in a stable order."""
     ini_path = Path(ini)
     parser = configparser.ConfigParser(defaults={"here": str(ini_path.parent)})  # as Alembic
     parser.read(ini_path)
     location = parser.get("alembic", "script_location", fallback="alembic")
-    folder = Path(location) if Path(location).is_absolute() else ini_path.parent / location
-    files = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    locations = [location, *_version_locations(parser)]
+    files: set[Path] = set()
+    for place in locations:
+        folder = Path(place) if Path(place).is_absolute() else ini_path.parent / place
+        if folder.is_dir():
+            files |= {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     return [ini_path, *sorted(files)]
+
+
+def _version_locations(parser: configparser.ConfigParser) -> list[str]:
+    """Alembic's ``version_locations``, split as Alembic splits them."""
+    raw = parser.get("alembic", "version_locations", fallback="").strip()
+    if not raw:
+        return []
+    separator = parser.get("alembic", "version_path_separator", fallback="").strip()
+    chosen = {"os": os.pathsep, "space": " ", "newline": "\n", "": None}.get(separator, separator)
+    if chosen is None:  # older Alembic: spaces or commas
+        return [p for p in re.split(r"[,\s]+", raw) if p]
+    return [p.strip() for p in raw.split(chosen) if p.strip()]
