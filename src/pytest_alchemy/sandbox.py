@@ -16,6 +16,7 @@ ledger keeps it consistent when they do not finish in the order they started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import weakref
@@ -28,7 +29,7 @@ from pytest_alchemy import dialects
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Engine, RootTransaction
     from sqlalchemy.engine.interfaces import DBAPICursor, Dialect, ExecutionContext
@@ -54,12 +55,33 @@ class Watch:
         self.maker: tuple[Any, dict[str, Any]] | None = None  # see cached_maker()
         self.internal = False
         self.loop = loop
+        self._deferred: list[str] | None = None  # see deferred_constraints()
         self.guard: re.Pattern[str] = dialects.statement_guard(connection.dialect.name)
         self.session_state = dialects.session_state_pattern(connection.dialect.name)
         install_savepoint_hooks(connection.dialect)
         event.listen(connection, "before_cursor_execute", self._before_cursor_execute)
         event.listen(connection, "commit", self._commit)
         event.listen(connection, "rollback", self._rollback)
+
+    def deferred_constraints(self, connection: Connection) -> list[str]:
+        """The INITIALLY DEFERRED constraints of the connection's PostgreSQL database, asked
+        once per connection (an empty list elsewhere, and where there are none)."""
+        if self._deferred is None:
+            self._deferred = []
+            if connection.dialect.name == "postgresql":
+                with self.own_statements():
+                    rows = connection.exec_driver_sql(_DEFERRED_CONSTRAINTS).scalars()
+                    self._deferred = sorted(set(rows))
+        return self._deferred
+
+    @contextlib.contextmanager
+    def own_statements(self) -> Iterator[None]:
+        """The plugin's own statements: neither guarded nor counted in the ledger."""
+        internal, self.internal = self.internal, True
+        try:
+            yield
+        finally:
+            self.internal = internal
 
     def refuse(self, problem: str) -> None:
         """Fail now, and make the test fail at teardown even if the error is swallowed."""
@@ -127,6 +149,11 @@ class Watch:
                 "session instead, or use `with db_connection.begin_nested():` around Core work."
             )
 
+
+_DEFERRED_CONSTRAINTS = (
+    "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.conname) FROM pg_constraint c "
+    "JOIN pg_namespace n ON n.oid = c.connamespace WHERE c.condeferred"
+)
 
 _watches: weakref.WeakKeyDictionary[Connection, Watch] = weakref.WeakKeyDictionary()
 
@@ -440,9 +467,37 @@ class Savepoints:
         index = self._find(owner)
         if index is None:
             return  # rolled back already, with a savepoint below it
+        if index == 0 and not any(entry.live for entry in self._stack[1:]):
+            self._check_deferred()  # the application's outermost commit
         self._stack[index].live = False
         if index == len(self._stack) - 1:
             self._settle()
+
+    def _check_deferred(self) -> None:
+        """Check deferred constraints where production checks them: at the application's
+        outermost commit, which the sandbox turns into a RELEASE (the outer transaction, which
+        never commits, would never check them). A violation raises from the commit, as in
+        production, and the work since that savepoint is rolled back, as a failed COMMIT rolls
+        back its transaction.
+        """
+        sandbox = self._sandbox
+        connection, watch = sandbox.connection, sandbox.watch
+        names = watch.deferred_constraints(connection)
+        if not names:
+            return  # no deferred constraint in the schema: nothing to pay
+        with watch.own_statements():
+            try:
+                connection.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
+            except BaseException:
+                # A failed COMMIT ends the transaction; SQLAlchemy, whose RELEASE failed, will
+                # not roll this savepoint back, so the sandbox does, as the server would.
+                entry = self._stack[0]
+                with contextlib.suppress(Exception):
+                    self._run("do_rollback_to_savepoint", entry.name)
+                del self._stack[1:]
+                entry.live, entry.writers = False, set()
+                raise
+            connection.exec_driver_sql(f"SET CONSTRAINTS {', '.join(names)} DEFERRED")
 
     def _settle(self) -> None:
         """Release the finished savepoints at the top of the stack, in one statement.

@@ -1,0 +1,147 @@
+"""What passes in the sandbox passes in production: effects that production has only at a
+real commit happen where the application commits."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, project_for
+
+DEFERRED_MODELS = """
+from sqlalchemy import ForeignKey
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Parent(Base):
+    __tablename__ = "alchemy_parent"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+
+class Child(Base):
+    __tablename__ = "alchemy_child"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_id: Mapped[int] = mapped_column(
+        ForeignKey("alchemy_parent.id", deferrable=True, initially="DEFERRED")
+    )
+"""
+
+SYNC_DEFERRED = """
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from models import Child, Parent
+
+
+def test_a_violation_fails_at_the_commit_as_in_production(db_session):
+    db_session.add(Child(id=1, parent_id=999))
+    db_session.flush()  # deferred: nothing is checked yet, as in production
+    with pytest.raises(IntegrityError, match="foreign key"):
+        db_session.commit()
+    db_session.rollback()
+    assert db_session.scalars(select(Child)).all() == []
+    db_session.add_all([Parent(id=1), Child(id=1, parent_id=1)])
+    db_session.commit()
+
+
+def test_deferred_still_means_deferred_in_every_transaction(db_session):
+    for n in (5, 6):  # the constraint is deferred again after each checked commit
+        db_session.add(Child(id=n, parent_id=n))
+        db_session.flush()
+        db_session.add(Parent(id=n))
+        db_session.commit()
+    assert sorted(db_session.scalars(select(Child.id))) == [5, 6]
+
+
+def test_a_released_nested_savepoint_is_not_a_commit(db_session):
+    db_session.add(Parent(id=7))
+    db_session.commit()
+    with db_session.begin():
+        with db_session.begin_nested():
+            db_session.add(Child(id=7, parent_id=8))  # no error yet: not the outermost commit
+        db_session.add(Parent(id=8))
+"""
+
+ASYNC_DEFERRED = """
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from models import Child, Parent
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_violation_fails_at_the_commit_as_in_production(async_db_session):
+    async_db_session.add(Child(id=1, parent_id=999))
+    await async_db_session.flush()
+    with pytest.raises(IntegrityError, match="foreign key"):
+        await async_db_session.commit()
+    await async_db_session.rollback()
+    assert (await async_db_session.scalars(select(Child))).all() == []
+
+
+async def test_deferred_still_means_deferred_in_every_transaction(async_db_session):
+    for n in (5, 6):
+        async_db_session.add(Child(id=n, parent_id=n))
+        await async_db_session.flush()
+        async_db_session.add(Parent(id=n))
+        await async_db_session.commit()
+"""
+
+POSTGRESQL = [d for d in SYNC_DRIVERS + ASYNC_DRIVERS if d.backend == "postgresql"]
+
+
+@pytest.mark.parametrize("driver", POSTGRESQL, ids=lambda d: d.id)
+def test_deferred_constraints_are_checked_at_the_applications_commit(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(models=DEFERRED_MODELS)
+    project.ini()
+    project.tests(ASYNC_DEFERRED if driver.is_async else SYNC_DEFERRED)
+    project.run().assert_outcomes(passed=2 if driver.is_async else 3)
+
+
+ROUTED_APP = """
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+from models import Child
+
+engine = create_engine(APP_URL)
+SessionLocal = sessionmaker(engine)
+
+
+def adopt_orphan():
+    with SessionLocal() as session:
+        session.add(Child(id=1, parent_id=404))
+        session.commit()
+"""
+
+
+def test_deferred_constraints_are_checked_at_a_routed_engines_commit(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    driver = next(d for d in SYNC_DRIVERS if d.id == "postgresql-psycopg")
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(models=DEFERRED_MODELS)
+    pytester.makepyfile(app=ROUTED_APP.replace("APP_URL", repr(project.url)))
+    project.ini("alchemy_engines = app:engine\n")
+    project.tests(
+        """
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+import app
+
+
+def test_the_applications_commit_raises(db_session):
+    with pytest.raises(IntegrityError, match="foreign key"):
+        app.adopt_orphan()
+"""
+    )
+    project.run().assert_outcomes(passed=1)
