@@ -306,3 +306,43 @@ def test_mysql_session_settings_stay_in_their_test(
     project.ini()
     project.tests(MYSQL_SESSION_STATE)
     project.run().assert_outcomes(passed=2)
+
+
+NOT_BEGUN = """
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+from models import Item
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_the_session_is_handed_over_not_begun(async_db_session):
+    assert not async_db_session.in_transaction()
+    async with async_db_session.begin():  # the most common async pattern
+        async_db_session.add(Item(name="begun"))
+    assert (await async_db_session.scalars(select(Item.name))).all() == ["begun"]
+
+
+async def test_and_concurrent_first_use_stays_safe(async_db_session):
+    assert not async_db_session.in_transaction()
+    first, second = await asyncio.gather(
+        async_db_session.execute(select(Item.id)), async_db_session.execute(select(Item.name))
+    )
+    assert first.all() == second.all() == []
+
+
+async def test_and_the_next_test_starts_empty(async_db_session):
+    async with async_db_session.begin():
+        assert (await async_db_session.scalars(select(Item.name))).all() == []
+"""
+
+
+def test_async_db_session_is_not_begun_and_concurrent_first_use_is_safe(
+    async_project: Project,
+) -> None:
+    async_project.ini()
+    async_project.tests(NOT_BEGUN)
+    async_project.run("-p", "no:randomly").assert_outcomes(passed=3)

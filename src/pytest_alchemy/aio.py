@@ -198,6 +198,21 @@ def sandbox_of(connection: AsyncConnection) -> Sandbox | None:
     return found.core if found is not None else None
 
 
+async def prepare_first_savepoint(session: AsyncSession) -> None:
+    """Open the savepoint the session's first transaction will take, without beginning it.
+
+    Beginning an AsyncSession on a connection awaits its SAVEPOINT; two tasks whose first use
+    of the session overlaps (``asyncio.gather``) then meet SQLAlchemy's "provisioning a new
+    connection" error. With the savepoint already established in the sandbox's ledger, the
+    session's begin reuses it and sends nothing.
+    """
+    bind = session.bind
+    sandbox = _sandboxes.get(bind) if bind is not None else None  # type: ignore[arg-type]
+    if sandbox is not None:
+        ledger = sandbox.core.savepoints
+        await sandbox.connection.run_sync(lambda _: ledger.establish())
+
+
 async def close_session_after(session: AsyncSession) -> None:
     """Close a session at teardown, rolling the sandbox back first (saves a round trip)."""
     bind = session.bind

@@ -552,12 +552,15 @@ async def async_db_session(
 ) -> AsyncIterator[AsyncSession]:
     """An AsyncSession in the test's sandbox: commit, roll back and nest freely.
 
-    It has already joined the connection, so concurrent first use (``asyncio.gather``) is safe.
+    Handed over as ``async_sessionmaker()()`` makes it: not begun, so ``async with
+    session.begin():`` works. Concurrent first use (``asyncio.gather``) is safe all the same:
+    the sandbox has its first savepoint ready, so beginning sends nothing and no two tasks
+    can be caught halfway.
     """
     from pytest_alchemy import aio
 
     session = async_db_sessionmaker()
-    await session.connection()
+    await aio.prepare_first_savepoint(session)
     yield session
     await aio.close_session_after(session)
 

@@ -438,6 +438,16 @@ class Savepoints:
         self._run("do_savepoint", entry.name)
         stack.append(entry)
 
+    def establish(self) -> None:
+        """Open a first savepoint that nobody holds yet, for the next begin to reuse."""
+        with self.lock:
+            if self._stack:
+                return
+            entry = _Savepoint(None, None, "sa_savepoint_1")
+            self._run("do_savepoint", entry.name)
+            entry.live = False
+            self._stack.append(entry)
+
     def wrote(self, party: object, statement: str | None) -> None:
         """Note a statement of ``party`` (None: one that failed); a write lands on top.
 
