@@ -157,10 +157,6 @@ class Heartbeats:
                 )
                 self._thread.start()
 
-    def discard(self, url: URL) -> None:
-        with self._lock:
-            self._urls.pop(url.render_as_string(hide_password=False), None)
-
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY):
             with self._lock:

@@ -336,14 +336,21 @@ def db_connection(db_engine: Engine, _alchemy_target: Target) -> Iterator[Connec
             connection.close()
 
 
-def _restore(target: Target, engine: Engine | None) -> str:
-    """Restore the test database after an escape; the sentence to add to the failure."""
+def _restore(target: Target, engine: Engine | None, *, overridden: str = "db_engine") -> str:
+    """Restore the test database after an escape; the sentence to add to the failure.
+
+    ``engine`` None: the fixture named ``overridden`` is the user's, so nothing is restored.
+    """
     if engine is None:
-        return " The test database could not be restored: db_engine is overridden."
+        return f" The test database could not be restored: {overridden} is overridden."
     try:
         return target.restore(engine)
     except Exception as exc:
-        return f" Restoring the test database failed: {type(exc).__name__}: {exc}"
+        return _restore_failed(exc)
+
+
+def _restore_failed(exc: Exception) -> str:
+    return f" Restoring the test database failed: {type(exc).__name__}: {exc}"
 
 
 @pytest.fixture
@@ -444,7 +451,7 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
             try:
                 restored = target.restore()
             except Exception as exc:
-                restored = f" Restoring the test database failed: {type(exc).__name__}: {exc}"
+                restored = _restore_failed(exc)
         _fail(UnsandboxedEngineError(" ".join(escapes) + restored))
 
 
@@ -521,13 +528,12 @@ async def async_db_connection(
         if sandbox.core.problem:
             restored = ""
             if sandbox.core.escaped and not own:
-                restored = " The test database could not be restored: async_db_engine is "
-                restored += "overridden."
+                restored = _restore(_alchemy_target, None, overridden="async_db_engine")
             elif sandbox.core.escaped:
                 try:
                     restored = await _alchemy_target.restore_async(async_db_engine)
                 except Exception as exc:
-                    restored = f" Restoring the test database failed: {type(exc).__name__}: {exc}"
+                    restored = _restore_failed(exc)
             _fail(SandboxBrokenError(sandbox.core.problem + restored))
     finally:
         await sandbox.end()
