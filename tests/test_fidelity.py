@@ -4,7 +4,7 @@ real commit happen where the application commits."""
 from __future__ import annotations
 
 import pytest
-from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, project_for
+from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, Project, project_for
 
 DEFERRED_MODELS = """
 from sqlalchemy import ForeignKey
@@ -145,3 +145,152 @@ def test_the_applications_commit_raises(db_session):
 """
     )
     project.run().assert_outcomes(passed=1)
+
+
+# A statement that writes although it reads like a query. PostgreSQL and MariaDB: a function
+# that inserts; SQLite (no SQL functions): a PRAGMA that sets the file's user_version, which
+# SQLite keeps in the transaction.
+WRITING_QUERY = {
+    "postgresql": (
+        "CREATE FUNCTION alchemy_create_item(n text) RETURNS integer LANGUAGE sql AS "
+        "$$ INSERT INTO alchemy_item (name) VALUES (n) RETURNING id $$",
+        "SELECT alchemy_create_item('{name}')",
+        "SELECT count(*) FROM alchemy_item",
+    ),
+    "mysql": (
+        "CREATE FUNCTION alchemy_create_item(n VARCHAR(50)) RETURNS INTEGER MODIFIES SQL DATA "
+        "BEGIN INSERT INTO alchemy_item (name) VALUES (n); RETURN LAST_INSERT_ID(); END",
+        "SELECT alchemy_create_item('{name}')",
+        "SELECT count(*) FROM alchemy_item",
+    ),
+    "sqlite": (None, "PRAGMA user_version = {number}", "PRAGMA user_version"),
+}
+
+WRITING_MODELS = """
+from sqlalchemy import DDL, event
+
+from models_base import Base, Item
+
+if CREATE:
+    event.listen(Base.metadata, "after_create", DDL(CREATE))
+"""
+
+SYNC_WRITING_QUERY = """
+from sqlalchemy import text
+
+WRITE, COUNT = {write!r}, {count!r}
+
+
+def test_a_rollback_undoes_a_query_that_wrote(db_session):
+    db_session.execute(text(WRITE.format(name="a", number=1)))
+    db_session.rollback()
+    assert db_session.scalar(text(COUNT)) == 0
+
+
+def test_a_commit_keeps_it_and_a_later_rollback_leaves_it(db_session):
+    db_session.execute(text(WRITE.format(name="b", number=1)))
+    db_session.commit()
+    db_session.execute(text("SELECT 1"))
+    db_session.rollback()
+    assert db_session.scalar(text(COUNT)) == 1
+
+
+def test_the_next_test_starts_clean(db_session):
+    assert db_session.scalar(text(COUNT)) == 0
+"""
+
+ASYNC_WRITING_QUERY = """
+import pytest
+from sqlalchemy import text
+
+pytestmark = pytest.mark.asyncio
+WRITE, COUNT = {write!r}, {count!r}
+
+
+async def test_a_rollback_undoes_a_query_that_wrote(async_db_session):
+    await async_db_session.execute(text(WRITE.format(name="a", number=1)))
+    await async_db_session.rollback()
+    assert await async_db_session.scalar(text(COUNT)) == 0
+
+
+async def test_a_commit_keeps_it_and_a_later_rollback_leaves_it(async_db_session):
+    await async_db_session.execute(text(WRITE.format(name="b", number=1)))
+    await async_db_session.commit()
+    await async_db_session.execute(text("SELECT 1"))
+    await async_db_session.rollback()
+    assert await async_db_session.scalar(text(COUNT)) == 1
+
+
+async def test_the_next_test_starts_clean(async_db_session):
+    assert await async_db_session.scalar(text(COUNT)) == 0
+"""
+
+
+def _writing_query_project(
+    driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester
+) -> tuple[Project, str, str]:
+    project = project_for(driver, scratch, pytester)
+    create, write, count = WRITING_QUERY[driver.backend]
+    models = (pytester.path / "models.py").read_text()
+    pytester.makepyfile(models_base=models)
+    pytester.makepyfile(models=f"CREATE = {create!r}\n" + WRITING_MODELS)
+    project.ini()
+    return project, write, count
+
+
+WRITING_DRIVERS = [
+    d
+    for d in SYNC_DRIVERS + ASYNC_DRIVERS
+    if d.id in {"sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql", "postgresql-asyncpg"}
+]
+
+
+@pytest.mark.parametrize("driver", WRITING_DRIVERS, ids=lambda d: d.id)
+def test_a_query_that_writes_is_rolled_back_as_in_production(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project, write, count = _writing_query_project(driver, scratch_databases, pytester)
+    source = ASYNC_WRITING_QUERY if driver.is_async else SYNC_WRITING_QUERY
+    project.tests(source.format(write=write, count=count))
+    project.run().assert_outcomes(passed=3)
+
+
+def test_a_rollback_that_would_undo_a_committed_query_is_reported(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """Two sessions of the application overlap on the test's one connection: the first one's
+    rollback undoes what the second committed with a query that wrote. Production keeps it;
+    the sandbox cannot, so the test fails saying why instead of passing on a lost write."""
+    driver = next(d for d in SYNC_DRIVERS if d.id == "postgresql-psycopg")
+    project, write, _ = _writing_query_project(driver, scratch_databases, pytester)
+    pytester.makepyfile(
+        app=f"""
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+engine = create_engine({project.url!r})
+SessionLocal = sessionmaker(engine)
+"""
+    )
+    project.ini("alchemy_engines = app:engine\n")
+    project.tests(
+        f"""
+from sqlalchemy import text
+
+from app import SessionLocal
+from models import Item
+
+
+def test_overlapping_sessions(db_session):
+    first = SessionLocal()
+    first.add(Item(name="first"))
+    first.flush()
+    with SessionLocal() as second:
+        second.execute(text({write.format(name="second")!r}))
+        second.commit()
+    first.rollback()
+"""
+    )
+    result = project.run()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*Two transactions were open at once*"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,8 +26,10 @@ from sqlalchemy.engine import Connection
 
 from pytest_alchemy import dialects
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
+from pytest_alchemy.statements import proves_read_only
 
 if TYPE_CHECKING:
+    import re
     from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Engine, RootTransaction
@@ -361,12 +362,6 @@ class _Savepoint:
         self.writers: set[int] = set()  # ids of the parties whose writes it holds
 
 
-#: Statements that write nothing a rollback would need to undo.
-_READS = re.compile(
-    r"\s*(?:SELECT|SHOW|PRAGMA|EXPLAIN|DESCRIBE|SAVEPOINT|RELEASE|ROLLBACK)\b", re.I
-)
-
-
 class Savepoints:
     """The stack of savepoints on a sandbox's connection, shared by everyone using it.
 
@@ -451,10 +446,11 @@ class Savepoints:
     def wrote(self, party: object, statement: str | None) -> None:
         """Note a statement of ``party`` (None: one that failed); a write lands on top.
 
-        A failed statement counts as a write: on PostgreSQL it aborts the transaction, and
-        only ``ROLLBACK TO`` recovers from that.
+        Whatever its text does not prove read-only counts as a write (``SELECT f()`` may
+        insert; see :mod:`pytest_alchemy.statements`). A failed statement counts as a write:
+        on PostgreSQL it aborts the transaction, and only ``ROLLBACK TO`` recovers from that.
         """
-        if self._stack and (statement is None or not _READS.match(statement)):
+        if self._stack and (statement is None or not proves_read_only(statement)):
             self._stack[-1].writers.add(id(party))
 
     def execute(self, party: object, statement: str, run: Callable[[], None]) -> None:
