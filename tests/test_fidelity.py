@@ -294,3 +294,162 @@ def test_overlapping_sessions(db_session):
     result = project.run()
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*Two transactions were open at once*"])
+
+
+# Ids: counters that a rollback does not undo, put back after each test that asks.
+SEED_TWO_ITEMS = """
+from sqlalchemy import text
+
+
+def seed(connection):
+    connection.execute(text("INSERT INTO alchemy_item (name) VALUES ('seed-1'), ('seed-2')"))
+"""
+
+SYNC_LITERAL_IDS = """
+import pytest
+from sqlalchemy import text
+
+from models import Item, Tag
+
+{mark}
+
+
+def test_the_app_commits_and_gets_the_next_id(db_session):
+    item = Item(name="a")
+    db_session.add(item)
+    db_session.commit()
+    db_session.add(Tag(item_id=item.id))
+    db_session.commit()
+    assert item.id == 3
+
+
+def test_raw_sql_gets_the_same_id_again(db_connection):
+    db_connection.execute(text("INSERT INTO alchemy_item (name) VALUES ('b')"))
+    new_id = db_connection.execute(text("SELECT max(id) FROM alchemy_item")).scalar()
+    assert new_id == 3
+
+
+def test_and_so_does_the_next_flush(db_session):
+    for name in ("c", "d"):
+        db_session.add(Item(name=name))
+    db_session.flush()
+    assert sorted(db_session.query(Item.id).filter(Item.name != "seed-1")) == [(2,), (3,), (4,)]
+"""
+
+ASYNC_LITERAL_IDS = """
+import pytest
+
+from models import Item
+
+{mark}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", ["a", "b"])
+async def test_every_test_gets_the_same_id(async_db_session, name):
+    item = Item(name=name)
+    async_db_session.add(item)
+    await async_db_session.flush()
+    new_id = item.id
+    await async_db_session.commit()
+    assert new_id == 3
+"""
+
+COUNTER_DRIVERS = [
+    d
+    for d in SYNC_DRIVERS + ASYNC_DRIVERS
+    if d.id
+    in {
+        "sqlite-pysqlite",
+        "postgresql-psycopg",
+        "mysql-pymysql",
+        "postgresql-asyncpg",
+        "mysql-asyncmy",
+    }
+]
+
+
+@pytest.mark.parametrize("how", ["ini", "marker"])
+@pytest.mark.parametrize("driver", COUNTER_DRIVERS, ids=lambda d: d.id)
+def test_reset_sequences_gives_every_test_the_templates_ids(
+    driver: Driver, how: str, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(seeding=SEED_TWO_ITEMS)
+    ini = "alchemy_seed = seeding:seed\n"
+    mark = "pytestmark = pytest.mark.alchemy(reset_sequences=True)"
+    if how == "ini":
+        ini += "alchemy_reset_sequences = true\n"
+        mark = ""
+    project.ini(ini)
+    project.tests((ASYNC_LITERAL_IDS if driver.is_async else SYNC_LITERAL_IDS).format(mark=mark))
+    project.run().assert_outcomes(passed=2 if driver.is_async else 3)
+
+
+def test_a_test_can_opt_out_of_the_ini(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    driver = next(d for d in SYNC_DRIVERS if d.id == "postgresql-psycopg")
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini("alchemy_reset_sequences = true\n")
+    project.tests(
+        """
+import pytest
+
+from models import Item
+
+
+@pytest.mark.alchemy(reset_sequences=False)
+class TestKeepsCounting:
+    def test_one(self, db_session):
+        db_session.add(Item(name="a"))
+        db_session.flush()
+
+    @pytest.mark.parametrize("expected", [2, 3])
+    def test_two(self, db_session, expected):
+        item = Item(name="b")
+        db_session.add(item)
+        db_session.flush()
+        assert item.id == expected
+
+
+def test_reset_again(db_session):
+    item = Item(name="c")
+    db_session.add(item)
+    db_session.flush()
+    assert item.id == 4  # the ini's reset puts it back after this test, not before
+
+
+def test_back_at_the_start(db_session):
+    item = Item(name="d")
+    db_session.add(item)
+    db_session.flush()
+    assert item.id == 1
+"""
+    )
+    project.run().assert_outcomes(passed=5)
+
+
+def test_the_alchemy_marker_is_registered_and_checked(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    project.ini("", metadata=False)
+    project.tests(
+        """
+import pytest
+
+
+@pytest.mark.alchemy(reset_sequence=True)
+def test_typo():
+    pass
+"""
+    )
+    result = project.run("--strict-markers")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*@pytest.mark.alchemy on test_app.py::test_typo: unknown option 'reset_sequence'. "
+            "Valid options: reset_sequences.*"
+        ]
+    )
+    markers = project.run("--markers")
+    markers.stdout.fnmatch_lines(["@pytest.mark.alchemy(**options): per-test options*"])

@@ -168,7 +168,11 @@ class AsyncSandbox:
         try:
             if action == "rollback":
                 assert self._transaction is not None
+                if core.counters_to_reset:
+                    await self.connection.run_sync(lambda _: core.reset_counters(inside=True))
                 await asyncio.wait_for(self._transaction.rollback(), TEARDOWN_TIMEOUT)
+                if core.counters_to_reset:
+                    await self.connection.run_sync(lambda _: core.reset_counters(inside=False))
             elif action == "invalidate":
                 await self.connection.invalidate()
             elif action == "reset":

@@ -7,7 +7,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -50,6 +50,7 @@ REUSE_INI = "alchemy_reuse"
 ALEMBIC_INI = "alchemy_alembic"
 ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
+RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -94,6 +95,10 @@ class Settings:
     engines: tuple[str, ...] = ()  # the application's engines routed into every sandbox
     block_unsandboxed: bool = False
     run_pid: int = 0  # the process that started the run (the xdist controller)
+    reset_sequences: bool = False  # the default of the marker option of the same name
+    session_options: tuple[tuple[str, Any], ...] = ()  # see sessions.py
+    session_class: str | None = None
+    async_session_class: str | None = None
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -153,6 +158,8 @@ def validate_import_paths(key: str, values: Sequence[str]) -> tuple[str, ...]:
 
 def resolve(config: pytest.Config) -> Settings:
     """Resolve the settings once; raises pytest.UsageError on a bad value."""
+    from pytest_alchemy import sessions
+
     url = _parse_url(*_lookup(config, URL_OPTION), URL_OPTION)
     async_url = _parse_url(*_lookup(config, ASYNC_URL_OPTION), ASYNC_URL_OPTION)
     metadata = validate_import_paths(METADATA_INI, config.getini(METADATA_INI))
@@ -176,6 +183,12 @@ def resolve(config: pytest.Config) -> Settings:
         validate_import_paths(ENGINES_INI, config.getini(ENGINES_INI)),
         bool(config.getini(BLOCK_INI)),
         int(workerinput.get(RUN_PID_KEY) or os.getpid()),
+        bool(config.getini(RESET_SEQUENCES_INI)),
+        sessions.parse_options(config.getini(sessions.OPTIONS_INI)),
+        *(
+            (validate_import_paths(key, [config.getini(key) or ""]) or (None,))[0]
+            for key in (sessions.CLASS_INI, sessions.ASYNC_CLASS_INI)
+        ),
     )
 
 

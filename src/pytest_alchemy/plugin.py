@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from pytest_alchemy import config as _config
-from pytest_alchemy import routing
+from pytest_alchemy import markers, routing, sessions
 from pytest_alchemy.errors import AlchemyError, SandboxBrokenError, UnsandboxedEngineError
 from pytest_alchemy.provision import Target
 from pytest_alchemy.sandbox import (
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _SETTINGS = pytest.StashKey[_config.Settings]()
 _ROUTER = pytest.StashKey[routing.Router]()
 _TARGET = pytest.StashKey[Target]()
+_COUNTERS_NEEDED = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -125,6 +126,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "that is not routed into the sandbox.",
     )
     parser.addini(
+        sessions.OPTIONS_INI,
+        type="linelist",
+        default=[],
+        help="'key = value' lines passed to the fixtures' sessionmakers, e.g. "
+        "'expire_on_commit = false'.",
+    )
+    parser.addini(
+        sessions.CLASS_INI,
+        default="",
+        help="Import path of the Session class db_session is made of (default: SQLModel's with "
+        "SQLModel metadata, else SQLAlchemy's).",
+    )
+    parser.addini(
+        sessions.ASYNC_CLASS_INI,
+        default="",
+        help="Import path of the AsyncSession class async_db_session is made of.",
+    )
+    parser.addini(
+        _config.RESET_SEQUENCES_INI,
+        type="bool",
+        default=False,
+        help="After each test, put the id counters (PostgreSQL sequences, MySQL AUTO_INCREMENT) "
+        "of the tables it inserted into back to the template's values; per test: "
+        "@pytest.mark.alchemy(reset_sequences=...).",
+    )
+    parser.addini(
         _config.METADATA_INI,
         type="linelist",
         default=[],
@@ -134,6 +161,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    markers.register(config)
     settings = config.stash[_SETTINGS] = _config.resolve(config)
     router = config.stash[_ROUTER] = routing.Router(settings.engines, settings.block_unsandboxed)
     routing.push(router)
@@ -144,6 +172,25 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(
             _XdistController(settings.run_id, settings.run_pid), "alchemy-xdist"
         )
+
+
+def _defaults(config: pytest.Config) -> markers.Options:
+    return markers.Options(reset_sequences=config.stash[_SETTINGS].reset_sequences)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Counters are read when a database is first used, if any test of the run resets them.
+    config.stash[_COUNTERS_NEEDED] = markers.check(items, _defaults(config))
+
+
+def _counters_for(request: pytest.FixtureRequest, target: Target, sandbox: Sandbox) -> None:
+    """Arm the sandbox to reset the id counters after the test, if the test asks for it."""
+    config = request.config
+    if not config.stash.get(_COUNTERS_NEEDED, False):
+        return
+    counters = target.counters_of(sandbox)
+    if markers.options_for(request.node, _defaults(config)).reset_sequences:
+        sandbox.counters = counters
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -312,7 +359,9 @@ def db_engine(_alchemy_target: Target) -> Engine:
 
 
 @pytest.fixture
-def db_connection(db_engine: Engine, _alchemy_target: Target) -> Iterator[Connection]:
+def db_connection(
+    request: pytest.FixtureRequest, db_engine: Engine, _alchemy_target: Target
+) -> Iterator[Connection]:
     """The test's connection, inside an outer transaction rolled back after the test.
 
     Never commit it: ``db_connection.commit()`` and raw ``COMMIT`` are refused. For Core work
@@ -323,6 +372,7 @@ def db_connection(db_engine: Engine, _alchemy_target: Target) -> Iterator[Connec
     sandbox = Sandbox(connection)
     try:
         sandbox.start()
+        _counters_for(request, _alchemy_target, sandbox)
         yield connection
         sandbox.end()
         if sandbox.problem:
@@ -354,13 +404,21 @@ def _restore_failed(exc: Exception) -> str:
 
 
 @pytest.fixture
-def db_sessionmaker(db_connection: Connection) -> sessionmaker[Session]:
-    """A ``sessionmaker`` whose sessions all join the test's sandbox and see each other's work."""
+def db_sessionmaker(
+    request: pytest.FixtureRequest, db_connection: Connection
+) -> sessionmaker[Session]:
+    """A ``sessionmaker`` whose sessions all join the test's sandbox and see each other's work.
+
+    Its sessions are of ``alchemy_session_class`` (default: SQLModel's ``Session`` when the
+    metadata is SQLModel's, else SQLAlchemy's), with ``alchemy_session_options``.
+    """
     from sqlalchemy.orm import sessionmaker
 
-    return cached_maker(
-        db_connection, lambda: sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE)
-    )
+    def make() -> sessionmaker[Session]:
+        arguments = sessions.maker_arguments(request.config.stash[_SETTINGS], is_async=False)
+        return sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE, **arguments)
+
+    return cached_maker(db_connection, make)
 
 
 @pytest.fixture
@@ -510,7 +568,7 @@ async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Targe
 
 
 async def async_db_connection(
-    async_db_engine: AsyncEngine, _alchemy_target: Target
+    request: pytest.FixtureRequest, async_db_engine: AsyncEngine, _alchemy_target: Target
 ) -> AsyncIterator[AsyncConnection]:
     """The test's AsyncConnection, inside an outer transaction rolled back after the test."""
     from pytest_alchemy import aio
@@ -523,6 +581,9 @@ async def async_db_connection(
         connection = await async_db_engine.connect()
     sandbox = await aio.open_sandbox(connection)
     try:
+        if request.config.stash.get(_COUNTERS_NEEDED, False):
+            arm = functools.partial(_counters_for, request, _alchemy_target, sandbox.core)
+            await connection.run_sync(lambda _: arm())
         yield connection
         await sandbox.end()
         if sandbox.core.problem:
@@ -542,15 +603,22 @@ async def async_db_connection(
 
 
 def async_db_sessionmaker(
-    async_db_connection: AsyncConnection,
+    request: pytest.FixtureRequest, async_db_connection: AsyncConnection
 ) -> async_sessionmaker[AsyncSession]:
-    """An ``async_sessionmaker`` whose sessions all join the test's sandbox."""
+    """An ``async_sessionmaker`` whose sessions all join the test's sandbox.
+
+    Its sessions are of ``alchemy_async_session_class`` (default: SQLModel's ``AsyncSession``
+    when the metadata is SQLModel's), with ``alchemy_session_options``.
+    """
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    return cached_maker(
-        async_db_connection.sync_connection,  # type: ignore[arg-type]
-        lambda: async_sessionmaker(bind=async_db_connection, join_transaction_mode=JOIN_MODE),
-    )
+    def make() -> async_sessionmaker[AsyncSession]:
+        arguments = sessions.maker_arguments(request.config.stash[_SETTINGS], is_async=True)
+        return async_sessionmaker(
+            bind=async_db_connection, join_transaction_mode=JOIN_MODE, **arguments
+        )
+
+    return cached_maker(async_db_connection.sync_connection, make)  # type: ignore[arg-type]
 
 
 async def async_db_session(

@@ -20,13 +20,14 @@ from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 from pytest_alchemy import databases, dialects, ephemeral, ownership, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
 from pytest_alchemy.config import Setting, Settings, mask
+from pytest_alchemy.counters import Counters
 from pytest_alchemy.errors import (
     AlchemyError,
     DatabaseUnavailableError,
     DriverMissingError,
     ProvisioningError,
 )
-from pytest_alchemy.routing import PLUGIN_ENGINES
+from pytest_alchemy.routing import PLUGIN_ENGINES, database_key
 from pytest_alchemy.sandbox import ConnectionKeeper
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from pytest_alchemy.sandbox import Sandbox
 
 T = TypeVar("T")
 
@@ -79,6 +82,7 @@ class Target:
             None  # databases of dead earlier runs are dropped once per run
         )
         self.loops = LoopEngines(self._new_async_engine)
+        self._counters: dict[object, Counters] = {}
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -286,6 +290,19 @@ class Target:
             raise self._sync_failure from None
         self._engine, self._keeper = engine, keeper
         return engine
+
+    def counters_of(self, sandbox: Sandbox) -> Counters:
+        """The id counters of the sandbox's database as first seen in this run (read once,
+        before the first test there wrote: the template's values)."""
+        connection = sandbox.connection
+        key = database_key(connection.engine.url)
+        found = self._counters.get(key) if key is not None else None
+        if found is None:
+            with sandbox.watch.own_statements():
+                found = Counters.read(connection)
+            if key is not None:
+                self._counters[key] = found
+        return found
 
     def keeper_for(self, engine: Engine) -> ConnectionKeeper | None:
         """The kept connection of the plugin's own engine (None for a user's engine)."""

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from pytest_alchemy import dialects
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
-from pytest_alchemy.statements import proves_read_only
+from pytest_alchemy.statements import counted_tables, proves_read_only
 
 if TYPE_CHECKING:
     import re
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine, RootTransaction
     from sqlalchemy.engine.interfaces import DBAPICursor, Dialect, ExecutionContext
     from sqlalchemy.orm import Session
+
+    from pytest_alchemy.counters import Counters
 
 M = TypeVar("M")
 
@@ -216,6 +218,48 @@ class Sandbox:
         self.gate = Gate()
         #: Held by routed engines around each use of the connection, which threads share.
         self.lock = threading.RLock()
+        #: Set for a test whose id counters are reset after it (see counters.py).
+        self.counters: Counters | None = None
+        self._counted: set[str] | None = set()  # tables inserted into; None: any table
+        self._counters_reset = False
+
+    def count(self, statement: str) -> None:
+        """Note the tables whose id counters ``statement`` may advance, if counters reset."""
+        if self.counters is None or self._counted is None:
+            return
+        tables = counted_tables(statement)
+        if tables is None:
+            self._counted = None
+        else:
+            self._counted |= tables
+
+    @property
+    def counters_to_reset(self) -> bool:
+        return self.counters is not None and self._counted != set() and not self._counters_reset
+
+    def reset_counters(self, *, inside: bool) -> None:
+        """Put back the id counters the test advanced: inside the outer transaction where
+        the backend allows (PostgreSQL's setval is not undone by the rollback), else after
+        the rollback. A failure inside is retried after; one after fails the test.
+        """
+        counters = self.counters
+        if counters is None or not self.counters_to_reset:
+            return
+        if inside and not counters.resets_inside:
+            return
+        statements = counters.reset_statements(self._counted)
+        try:
+            for statement in statements:
+                self.connection.exec_driver_sql(statement)
+            if not inside:
+                self.connection.rollback()  # ends what the statements began; commits nothing
+            self._counters_reset = True
+        except Exception as exc:
+            if not inside:
+                self.problem = self.problem or (
+                    f"Resetting the test's id counters (alchemy_reset_sequences) failed: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                )
 
     @property
     def watch(self) -> Watch:
@@ -338,7 +382,11 @@ class Sandbox:
         try:
             if action == "rollback":
                 assert self.transaction is not None
+                if self.counters_to_reset:
+                    self.reset_counters(inside=True)
                 self.transaction.rollback()
+                if self.counters_to_reset:
+                    self.reset_counters(inside=False)
             elif action == "invalidate":
                 self.connection.invalidate()
             elif action == "reset":
@@ -458,6 +506,7 @@ class Savepoints:
         sandbox = self._sandbox
         with self.lock:
             self.wrote(party, statement)
+            sandbox.count(statement)
             problem = sandbox.check_transaction(statement, before=True)
             if problem is None:
                 try:

@@ -42,8 +42,8 @@ _WRITE_WORDS = frozenset(
 #: Words a parenthesis may follow without being a function call (keywords, types in a CAST).
 _NOT_CALLS = _words(
     """
-    all and any array as asc between by case cast collate desc distinct else end escape except
-    exists filter from glob group having ilike in index intersect is join lateral like limit
+    all and any array as asc between by case cast collate conflict desc distinct else end escape
+    except exists filter from glob group having ilike in index intersect is join lateral like limit
     match against materialized not nulls offset on or order over partition recursive regexp row
     rows range groups select similar some then to tuple union using values when where window
     with within zone
@@ -112,13 +112,18 @@ _READ_PRAGMAS = _words(
 )
 
 
+def _tokens(statement: str) -> list[tuple[str, str]]:
+    return [
+        (match.lastgroup or "other", match.group())
+        for match in _TOKEN.finditer(statement)
+        if match.lastgroup != "skip"
+    ]
+
+
 @functools.lru_cache(maxsize=4096)
 def proves_read_only(statement: str) -> bool:
     """Whether ``statement`` provably writes nothing a rollback would undo."""
-    tokens: list[tuple[str, str]] = []
-    for match in _TOKEN.finditer(statement):
-        if match.lastgroup != "skip":
-            tokens.append((match.lastgroup or "other", match.group()))
+    tokens = _tokens(statement)
     if not tokens or tokens[0][0] != "word":
         return False
     head = tokens[0][1].upper()
@@ -142,9 +147,13 @@ def _pragma_reads(tokens: list[tuple[str, str]]) -> bool:
 
 
 def _query_reads(tokens: list[tuple[str, str]]) -> bool:
+    words = (value.upper() for kind, value in tokens if kind == "word")
+    return _WRITE_WORDS.isdisjoint(words) and _calls_only_reads(tokens)
+
+
+def _calls_only_reads(tokens: list[tuple[str, str]]) -> bool:
+    """Whether every function the tokens call is one known to write nothing."""
     for index, (kind, value) in enumerate(tokens):
-        if kind == "word" and value.upper() in _WRITE_WORDS:
-            return False
         if kind == "other" and value == "'":
             return False  # a string the tokenizer could not read (backslashes): unknown
         if value != "(" or index == 0:
@@ -166,3 +175,52 @@ def _reads_when_called(tokens: list[tuple[str, str]], at: int) -> bool:
         if schema not in _SYSTEM_SCHEMAS:
             return False  # a function in one of the application's schemas
     return name in _READ_FUNCTIONS or _READ_CATALOG.fullmatch(name) is not None
+
+
+#: Statements that insert rows into the table they name (so may advance its id counter).
+_INSERTS = frozenset({"INSERT", "REPLACE", "MERGE", "COPY"})
+#: Statements that change rows but never take an id from a counter.
+_CHANGES = frozenset({"UPDATE", "DELETE"})
+
+
+@functools.lru_cache(maxsize=4096)
+def counted_tables(statement: str) -> frozenset[str] | None:
+    """The tables whose id counters (sequences, AUTO_INCREMENT) ``statement`` may advance.
+
+    Names are unquoted and lower-cased, without their schema. Empty for a read, an UPDATE or
+    a DELETE; the target of a plain INSERT, REPLACE, MERGE or COPY; None when the text cannot
+    tell (a function call, a CTE with DML, ``CALL``, DDL): any counter may have moved.
+    """
+    if proves_read_only(statement):
+        return frozenset()
+    tokens = _tokens(statement)
+    head = tokens[0][1].upper() if tokens and tokens[0][0] == "word" else ""
+    if head in _CHANGES:
+        return frozenset() if _calls_only_reads(tokens) else None
+    if head not in _INSERTS:
+        return None
+    at = 1
+    if head != "COPY":
+        while at < len(tokens) and tokens[at][1].upper() != "INTO":
+            at += 1  # INSERT IGNORE / OR REPLACE / LOW_PRIORITY ... INTO
+        at += 1
+    name = None
+    while at < len(tokens) and tokens[at][0] in {"word", "quoted"}:
+        name = tokens[at][1]
+        at += 1
+        if at < len(tokens) and tokens[at][1] == ".":
+            at += 1  # schema.table: the table is what follows
+            continue
+        break
+    if name is None:
+        return None
+    if at < len(tokens) and tokens[at][1] == "(":  # the column list is no call
+        depth = 0
+        while at < len(tokens):
+            depth += {"(": 1, ")": -1}.get(tokens[at][1], 0)
+            at += 1
+            if depth == 0:
+                break
+    if not _calls_only_reads(tokens[at:]):
+        return None  # nextval('some_sequence'), a function: any counter may have moved
+    return frozenset({name.strip('"`').lower()})
