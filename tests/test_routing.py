@@ -1040,3 +1040,86 @@ def test_a_configured_engine_never_reaches_its_own_url_from_wider_fixtures(
             conn.execute(text("DROP TABLE alchemy_item"))
         assert "alchemy_item" not in inspect(base).get_table_names()
         base.dispose()
+
+
+THREAD_TURNS_APP = """
+from fastapi import FastAPI
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import sessionmaker
+
+from models import Item
+
+engine = create_engine(APP_URL)
+SessionLocal = sessionmaker(engine)
+api = FastAPI()
+
+
+@api.post("/items/{name}", status_code=201)
+def create(name: str):
+    with SessionLocal() as session:
+        session.add(Item(name=name))
+        session.commit()
+    return {"name": name}
+
+
+def names():
+    with SessionLocal() as session:
+        return sorted(session.scalars(select(Item.name)))
+
+
+def run(sql):
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+"""
+
+THREAD_TURNS_TESTS = """
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+import app
+from models import Item
+from pytest_alchemy import SandboxBrokenError
+
+
+def test_a_session_held_open_does_not_block_a_request_in_another_thread():
+    started = time.monotonic()
+    with app.SessionLocal() as held, TestClient(app.api) as client:
+        assert held.scalars(select(Item)).all() == []  # a read transaction stays open
+        assert client.post("/items/from-request").status_code == 201
+        held.add(Item(name="from-test"))
+        held.commit()
+    assert time.monotonic() - started < 5  # it used to wait 30 s, then fail
+    assert app.names() == ["from-request", "from-test"]
+
+
+def test_a_thread_that_must_wait_fails_quickly_saying_why(db_connection):
+    if db_connection.dialect.name == "sqlite":
+        db_connection.connection.dbapi_connection.create_function("sleep", 1, time.sleep)
+    slow = threading.Thread(target=app.run, args=(SLEEP,))
+    slow.start()
+    time.sleep(0.3)
+    try:
+        with pytest.raises(SandboxBrokenError, match="waited 0.5 s.*alchemy_thread_wait"):
+            app.names()
+    finally:
+        slow.join()
+    assert app.names() == []
+"""
+
+SLEEP = {
+    "sqlite": "SELECT sleep(2)",
+    "postgresql": "SELECT pg_sleep(2)",
+    "mysql": "SELECT SLEEP(2)",
+}
+
+
+def test_threads_take_turns_statement_by_statement(sync_backend: Project) -> None:
+    _app(sync_backend, THREAD_TURNS_APP)
+    backend = make_url(sync_backend.url or "sqlite://").get_backend_name()
+    sync_backend.ini("alchemy_engines = app:engine\nalchemy_thread_wait = 0.5\n")
+    sync_backend.tests(THREAD_TURNS_TESTS.replace("SLEEP", repr(SLEEP[backend])))
+    sync_backend.run().assert_outcomes(passed=2)

@@ -51,6 +51,7 @@ ALEMBIC_INI = "alchemy_alembic"
 ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
+THREAD_WAIT_INI = "alchemy_thread_wait"
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -99,6 +100,7 @@ class Settings:
     session_options: tuple[tuple[str, Any], ...] = ()  # see sessions.py
     session_class: str | None = None
     async_session_class: str | None = None
+    thread_wait: float = 10.0  # seconds a thread waits for another's statement (TurnLock)
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -183,13 +185,17 @@ def resolve(config: pytest.Config) -> Settings:
         validate_import_paths(ENGINES_INI, config.getini(ENGINES_INI)),
         bool(config.getini(BLOCK_INI)),
         int(workerinput.get(RUN_PID_KEY) or os.getpid()),
-        bool(config.getini(RESET_SEQUENCES_INI)),
-        sessions.parse_options(config.getini(sessions.OPTIONS_INI)),
-        *(
-            (validate_import_paths(key, [config.getini(key) or ""]) or (None,))[0]
-            for key in (sessions.CLASS_INI, sessions.ASYNC_CLASS_INI)
-        ),
+        reset_sequences=bool(config.getini(RESET_SEQUENCES_INI)),
+        session_options=sessions.parse_options(config.getini(sessions.OPTIONS_INI)),
+        session_class=_one_path(config, sessions.CLASS_INI),
+        async_session_class=_one_path(config, sessions.ASYNC_CLASS_INI),
+        thread_wait=_seconds(THREAD_WAIT_INI, config.getini(THREAD_WAIT_INI)),
     )
+
+
+def _one_path(config: pytest.Config, key: str) -> str | None:
+    paths = validate_import_paths(key, [config.getini(key) or ""])
+    return paths[0] if paths else None
 
 
 def _alembic_ini(config: pytest.Config) -> str | None:
@@ -207,6 +213,16 @@ def _alembic_ini(config: pytest.Config) -> str | None:
 
 def _flag(cli: bool | None, ini: bool) -> bool:
     return bool(ini) if cli is None else cli
+
+
+def _seconds(key: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise pytest.UsageError(f"{key} = {value!r}: give a number of seconds above 0, e.g. 10.")
+    return seconds
 
 
 def _name_part(key: str, value: str | None) -> str | None:

@@ -144,6 +144,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Import path of the AsyncSession class async_db_session is made of.",
     )
     parser.addini(
+        _config.THREAD_WAIT_INI,
+        default="10",
+        help="Seconds a thread waits for another thread's statement on the test's shared "
+        "connection before failing with the reason (default 10).",
+    )
+    parser.addini(
         _config.RESET_SEQUENCES_INI,
         type="bool",
         default=False,
@@ -372,6 +378,7 @@ def db_connection(
     sandbox = Sandbox(connection)
     try:
         sandbox.start()
+        sandbox.lock.timeout = _alchemy_target.settings.thread_wait
         _counters_for(request, _alchemy_target, sandbox)
         yield connection
         sandbox.end()
@@ -580,6 +587,7 @@ async def async_db_connection(
     else:
         connection = await async_db_engine.connect()
     sandbox = await aio.open_sandbox(connection)
+    sandbox.core.lock.timeout = _alchemy_target.settings.thread_wait
     try:
         if request.config.stash.get(_COUNTERS_NEEDED, False):
             arm = functools.partial(_counters_for, request, _alchemy_target, sandbox.core)

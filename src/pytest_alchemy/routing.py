@@ -205,24 +205,15 @@ class _SandboxPool(Pool):
         return fairy
 
     def _do_get(self) -> ConnectionPoolEntry:
-        route = self._route
-        route.sandbox.gate.enter()
-        try:
-            route.checked_out()
-            return _ConnectionRecord(self)
-        except BaseException:
-            route.sandbox.gate.leave()
-            raise
+        self._route.checked_out()
+        return _ConnectionRecord(self)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         sandbox = self._route.sandbox
         fairy = self._checkouts.pop(id(record), None)
-        try:
-            if fairy is not None and sandbox.savepoints.holds(fairy):
-                with sandbox.lock:  # closed without commit: the DBAPI discards the work
-                    sandbox.savepoints.rollback(fairy)
-        finally:
-            sandbox.gate.leave()
+        if fairy is not None and sandbox.savepoints.holds(fairy):
+            with sandbox.lock:  # closed without commit: the DBAPI discards the work
+                sandbox.savepoints.rollback(fairy)
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
         pass  # the sandbox's connection outlives every checkout
@@ -309,13 +300,17 @@ class Route:
         sandbox = self.sandbox
         if sandbox.watch.loop is not None:
             sandbox.watch.check_loop()
-        if not self._initialized:
-            self._initialized = True
+        if self._initialized:
+            return
+        with sandbox.lock:  # threads checking out at once: one initialises, the others wait
+            if self._initialized:
+                return
             dialect = self.engine.dialect
             if dialect.server_version_info is None:  # never connected: as its first connect would
                 connection = sandbox.connection
                 with connection.begin_nested():
                     dialect.initialize(connection)
+            self._initialized = True
 
     def _hook(self, dialect: Dialect) -> None:
         sandbox = self.sandbox

@@ -215,9 +215,8 @@ class Sandbox:
         self._probe: Callable[[], int | None] | None = None
         self.ask_at_teardown: str | None = None
         self._seen_open = False  # the driver has reported the outer transaction open
-        self.gate = Gate()
-        #: Held by routed engines around each use of the connection, which threads share.
-        self.lock = threading.RLock()
+        #: Held around each statement and ledger change on the connection, which threads share.
+        self.lock = TurnLock()
         #: Set for a test whose id counters are reset after it (see counters.py).
         self.counters: Counters | None = None
         self._counted: set[str] | None = set()  # tables inserted into; None: any table
@@ -438,7 +437,7 @@ class Savepoints:
         self._stack: list[_Savepoint] = []
 
     @property
-    def lock(self) -> threading.RLock:
+    def lock(self) -> TurnLock:
         return self._sandbox.lock
 
     def __len__(self) -> int:
@@ -610,45 +609,47 @@ class Savepoints:
         self._stack.clear()
 
 
-class Gate:
-    """Lets one thread at a time hold the sandbox's connection, re-entrantly.
+class TurnLock:
+    """The lock every statement on the sandbox's connection runs under, re-entrantly.
 
     The routed engines hand every checkout the same DBAPI connection, which no driver lets two
-    threads use at once (Starlette's TestClient runs the app in a worker thread). Unlike an
-    RLock, a checkout may be returned from another thread, as FastAPI closes a dependency's
-    session in a different worker thread from the one that ran the endpoint.
+    threads use at the same moment (Starlette's TestClient runs the app in a worker thread).
+    Threads take turns statement by statement, not session by session: between one thread's
+    statements any other may use the connection, as it would its own connection in production
+    (a session the test thread holds open does not block a ``TestClient`` request), and the
+    ledger sorts out transactions that overlap. A thread waits only while another one's
+    statement is running, at most :attr:`timeout` seconds (``alchemy_thread_wait``), then
+    fails saying why.
     """
 
-    TIMEOUT = 30.0
+    #: Seconds a thread waits for another thread's statement on the connection.
+    DEFAULT_TIMEOUT = 10.0
+
+    #: After a thread was told, its clean-up (the rollback as the error unwinds) waits this
+    #: many times longer, so the error it was told is the one it raises.
+    _CLEAN_UP = 10
 
     def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._holder: int | None = None
-        self._count = 0
+        self._lock = threading.RLock()
+        self._told = threading.local()
+        self.timeout = self.DEFAULT_TIMEOUT
 
-    def enter(self) -> None:
-        me = threading.get_ident()
-        with self._condition:
-            if self._count and self._holder != me:
-                waited = self._condition.wait_for(lambda: self._count == 0, self.TIMEOUT)
-                if not waited:
-                    raise SandboxBrokenError(
-                        f"A thread waited {self.TIMEOUT:.0f} s for the test's database "
-                        "connection, which another thread holds: the test's threads share one "
-                        "connection and take turns. A thread keeps it from checkout to return "
-                        "(a session, from its first query to commit or close), so finish "
-                        "sessions before waiting on another thread that needs the database."
-                    )
-            self._holder = me
-            self._count += 1
+    def __enter__(self) -> None:
+        told = getattr(self._told, "value", False)
+        if self._lock.acquire(timeout=self.timeout * (self._CLEAN_UP if told else 1)):
+            self._told.value = False
+            return
+        self._told.value = True
+        raise SandboxBrokenError(
+            f"A thread waited {self.timeout:g} s for the test's database connection while "
+            "another thread's statement on it kept running: all the test's threads share the "
+            "sandbox's one connection, one statement at a time. A statement that waits for "
+            "another thread (or for a lock held outside the sandbox) never ends. Raise the "
+            "wait with the ini alchemy_thread_wait (seconds) if the statement is just slow."
+        )
 
-    def leave(self) -> None:
-        with self._condition:
-            if self._count:
-                self._count -= 1
-            if not self._count:
-                self._holder = None
-                self._condition.notify_all()
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def install_savepoint_hooks(dialect: Dialect) -> None:
