@@ -172,17 +172,6 @@ def test_bad_url_is_a_usage_error_without_echoing_it(pytester: pytest.Pytester) 
     assert "pw" not in result.stderr.str()
 
 
-def test_async_fixture_in_a_sync_test_says_what_to_write(pytester: pytest.Pytester) -> None:
-    project = Project(pytester, None)
-    project.ini()
-    project.tests("def test_sync(async_db_session):\n    pass\n")
-    result = project.run()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(
-        ["*test_sync is a sync test but requests the async fixture async_db_engine*async def*"]
-    )
-
-
 def test_async_fixture_without_an_async_runner_says_what_to_install(
     pytester: pytest.Pytester,
 ) -> None:

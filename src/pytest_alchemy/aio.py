@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -85,6 +86,37 @@ class LoopState:
             await self.engine.dispose()
 
 
+class AnyioLease:
+    """Keeps anyio's test runner, and so its event loop, open from the first async fixture
+    of the plugin to the end of the run.
+
+    anyio's pytest plugin closes its runner (and loop) when no fixture holds it any more: after
+    every test, unless a session-scoped async fixture of the user's keeps it. Holding a lease
+    on it, as such a fixture would, lets one loop, engine and kept connection serve the whole
+    run. Only an asyncio runner is held; a test on another backend (trio) makes the plugin let
+    go first, so anyio starts that backend's runner as it would.
+    """
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+
+    def take(self) -> None:
+        if self._stack is not None:
+            return
+        plugin = sys.modules.get("anyio.pytest_plugin")
+        if plugin is None or getattr(plugin, "_current_runner", None) is None:
+            return  # not run by anyio (pytest-asyncio, or a loop of the test's own)
+        stack = contextlib.ExitStack()
+        stack.enter_context(plugin.get_runner("asyncio", {}))
+        self._stack = stack
+
+    def release(self) -> None:
+        """Let go of the runner (outside any running loop): anyio closes it if it was last."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
 class LoopEngines:
     """One AsyncEngine per running event loop, created on demand by ``factory``."""
 
@@ -93,12 +125,14 @@ class LoopEngines:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        self.anyio = AnyioLease()
 
     async def current(self) -> LoopState:
         """The state of the running loop, creating its engine on first use."""
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
+            self.anyio.take()
             state = LoopState(await self._factory())
             state.lifetime = self._lifetime(loop, state)
             await anext(state.lifetime)  # the loop now finalizes it at shutdown_asyncgens()
@@ -133,6 +167,7 @@ class LoopEngines:
             if not loop.is_closed() and not loop.is_running():
                 loop.run_until_complete(state.aclose())
         self._states = weakref.WeakKeyDictionary()
+        self.anyio.release()
 
 
 class AsyncSandbox:
@@ -140,7 +175,13 @@ class AsyncSandbox:
 
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
-        self.core = Sandbox(connection.sync_connection, asyncio.get_running_loop())  # type: ignore[arg-type]
+        # Where the driver ties a connection to its loop, using it from another loop is refused
+        # with the reason; aiosqlite's serve any loop (Starlette's TestClient runs the app on
+        # a loop of its own in another thread), as they would without the plugin.
+        loop = (
+            asyncio.get_running_loop() if dialects.loop_bound(connection.dialect.driver) else None
+        )
+        self.core = Sandbox(connection.sync_connection, loop)  # type: ignore[arg-type]
         self._transaction: AsyncTransaction | None = None
 
     async def start(self) -> None:

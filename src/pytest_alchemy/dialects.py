@@ -109,6 +109,16 @@ def install_hint(url: URL) -> str:
     return f"pip install {package}"
 
 
+#: Async drivers whose connections are not tied to the loop that opened them: aiosqlite runs
+#: each connection in a thread of its own and answers each call on the caller's loop.
+_LOOP_FREE = frozenset({"aiosqlite"})
+
+
+def loop_bound(driver: str) -> bool:
+    """Whether an async driver's connection may only be used on the loop that opened it."""
+    return driver not in _LOOP_FREE
+
+
 def is_memory(url: URL) -> bool:
     """Whether the URL is an in-memory SQLite database (one per engine)."""
     if url.get_backend_name() != "sqlite":

@@ -205,6 +205,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         routing.pop(router)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # anyio's runner is held across tests for one loop per run (aio.AnyioLease); a test on
+    # another anyio backend gets it released first, so anyio starts that backend's runner.
+    target = item.config.stash.get(_TARGET, None)
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("anyio_backend") if callspec is not None else None
+    if target is not None and backend is not None:
+        name = backend[0] if isinstance(backend, tuple) else backend
+        if name != "asyncio":
+            target.loops.anyio.release()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     # Escapes are looked for while the test body runs: fixtures' set-up (provisioning, an
@@ -458,7 +470,7 @@ def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list
                         connection = request.getfixturevalue("db_connection")
                     sync_sandbox = _sandbox(sandbox_of(connection))
                 routes.add(engine, sync_sandbox)
-            elif _is_async_test(request):
+            elif _is_async_test(request) or _loop_free_in_sync_test(request, engine):
                 if async_sandbox is None:
                     from pytest_alchemy import aio
 
@@ -468,6 +480,16 @@ def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list
                 routes.add(engine, async_sandbox)
             else:
                 routes.refuse(engine, _async_in_sync_test(engine, request))
+
+
+def _loop_free_in_sync_test(request: pytest.FixtureRequest, engine: Engine) -> bool:
+    """An async engine whose connections serve any loop (aiosqlite), in a sync test whose
+    async fixtures pytest-asyncio runs: it joins the async sandbox, as Starlette's TestClient
+    needs (it runs the app on a loop of its own)."""
+    from pytest_alchemy import dialects
+
+    plugins = request.config.pluginmanager
+    return plugins.has_plugin("asyncio") and not dialects.loop_bound(engine.dialect.driver)
 
 
 def _sandbox(sandbox: Sandbox | None, prefix: str = "") -> Sandbox:
@@ -546,14 +568,17 @@ def db_route(
 # Defined here, registered in pytest_configure with the decorator of the async plugin in use.
 
 
-def _require_async_test(request: pytest.FixtureRequest, name: str) -> None:
+def _require_asyncio(request: pytest.FixtureRequest) -> None:
     __tracebackhide__ = True
-    function = getattr(request.node, "obj", None)
-    if callable(function) and not inspect.iscoroutinefunction(function):
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
         pytest.fail(
-            f"{request.node.name} is a sync test but requests the async fixture {name}. "
-            f"Write it as `async def` (marked @pytest.mark.asyncio or @pytest.mark.anyio), "
-            f"or use the sync twin {name.removeprefix('async_')}.",
+            f"{request.node.name} runs on an event loop other than asyncio's (anyio's trio "
+            f"backend?), and SQLAlchemy's async engines need asyncio. Give the tests that use "
+            f"the database anyio_backend = 'asyncio' (a fixture returning 'asyncio').",
             pytrace=False,
         )
 
@@ -564,7 +589,7 @@ async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Targe
     Tests that share an event loop share the engine; a loop of its own gets an engine of its
     own, disposed on that loop when it shuts down.
     """
-    _require_async_test(request, "async_db_engine")
+    _require_asyncio(request)
     try:
         state = await _alchemy_target.loop_state()
     except AlchemyError as exc:

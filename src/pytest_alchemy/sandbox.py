@@ -58,6 +58,7 @@ class Watch:
         self.maker: tuple[Any, dict[str, Any]] | None = None  # see cached_maker()
         self.internal = False
         self.loop = loop
+        self.driver = connection.dialect.driver
         self._deferred: list[str] | None = None  # see deferred_constraints()
         self.guard: re.Pattern[str] = dialects.statement_guard(connection.dialect.name)
         self.session_state = dialects.session_state_pattern(connection.dialect.name)
@@ -126,7 +127,7 @@ class Watch:
         if running is not self.loop:
             raise EventLoopMismatchError(
                 "async_db_connection was opened on one event loop and is used from another. "
-                "A database connection belongs to the loop it was opened on: the async "
+                f"A {self.driver} connection belongs to the loop it was opened on: the async "
                 "fixtures and the test must share one loop. With pytest-asyncio set both "
                 "asyncio_default_fixture_loop_scope and asyncio_default_test_loop_scope to "
                 "'session' in your ini (or give the test's asyncio marker the same loop_scope "
