@@ -208,6 +208,7 @@ class Sandbox:
         self.changed_session = False  # a MySQL SET that a rollback does not undo
         self._watch = watch(connection, loop)
         self._watch.owner = self
+        tag_sessions()
         self._ended = False
         self.transaction: RootTransaction | None = None
         self.savepoints = Savepoints(self)
@@ -400,14 +401,21 @@ class Sandbox:
 
 
 class _Savepoint:
-    __slots__ = ("live", "name", "owner", "party", "writers")
+    __slots__ = ("group", "live", "name", "owner", "party", "writers")
 
     def __init__(self, owner: object, party: object, name: str) -> None:
         self.owner = owner
         self.party = party  # the pooled connection whose code opened it
         self.name = name
         self.live = True
-        self.writers: set[int] = set()  # ids of the parties whose writes it holds
+        self.writers: set[int] = set()  # ids of the writers (see Savepoints.wrote) it holds
+        #: The session whose transaction it is, for sessions that share one connection.
+        self.group: int | None = None
+
+    @property
+    def writer(self) -> int:
+        """Who writes inside it: its session, or else its party."""
+        return self.group if self.group is not None else id(self.party)
 
 
 class Savepoints:
@@ -455,6 +463,13 @@ class Savepoints:
         """Whether ``owner`` has a savepoint open."""
         return self._find(owner) is not None
 
+    def tag(self, owner: object, group: int) -> None:
+        """Mark ``owner``'s savepoint as a transaction of session ``group``: sessions that share
+        the test's connection (db_sessionmaker's) are one party, told apart this way."""
+        index = self._find(owner)
+        if index is not None:
+            self._stack[index].group = group
+
     def adopt(self, owner: object) -> bool:
         """Take over the savepoint ``owner`` opened for a raw cursor, if any (True).
 
@@ -463,7 +478,7 @@ class Savepoints:
         index = self._find(owner)
         if index is None:
             return False
-        self._stack[index].writers.discard(id(self._stack[index].party))
+        self._stack[index].writers.discard(self._stack[index].writer)
         return True
 
     def _run(self, method: str, name: str) -> None:
@@ -476,10 +491,20 @@ class Savepoints:
         if stack and not stack[-1].live and not stack[-1].writers:
             entry = stack[-1]  # established and clean: reused, no round trip
             entry.owner, entry.party, entry.live = owner, party, True
+            entry.group = None
             return
-        entry = _Savepoint(owner, party, f"sa_savepoint_{len(stack) + 1}")
+        entry = _Savepoint(owner, party, self._fresh_name())
         self._run("do_savepoint", entry.name)
         stack.append(entry)
+
+    def _fresh_name(self) -> str:
+        """A name no savepoint on the stack has (MySQL replaces a savepoint of the same
+        name); ``sa_savepoint_<depth>`` unless a re-established one took it."""
+        taken = {entry.name for entry in self._stack}
+        depth = len(self._stack) + 1
+        while f"sa_savepoint_{depth}" in taken:
+            depth += 1
+        return f"sa_savepoint_{depth}"
 
     def establish(self) -> None:
         """Open a first savepoint that nobody holds yet, for the next begin to reuse."""
@@ -499,7 +524,16 @@ class Savepoints:
         on PostgreSQL it aborts the transaction, and only ``ROLLBACK TO`` recovers from that.
         """
         if self._stack and (statement is None or not proves_read_only(statement)):
-            self._stack[-1].writers.add(id(party))
+            self._stack[-1].writers.add(self._writer(party))
+
+    def _writer(self, party: object) -> int:
+        """Who wrote a statement of ``party``: statements carry their connection, not their
+        session, so of sessions sharing one connection it is the one that began last and is
+        still open (the innermost live savepoint of that party); else the party itself."""
+        for entry in reversed(self._stack):
+            if entry.live and entry.party is party:
+                return entry.writer
+        return id(party)
 
     def execute(self, party: object, statement: str, run: Callable[[], None]) -> None:
         """Run ``party``'s statement under the lock (threads may share the connection)."""
@@ -580,7 +614,7 @@ class Savepoints:
         stack = self._stack
         entry = stack[index]
         above = stack[index + 1 :]
-        mine = id(entry.party)
+        mine = entry.writer
         if mine not in entry.writers and not any(mine in a.writers for a in above):
             # Its party wrote nothing since it opened (a read-only session closing, perhaps
             # late): nothing to undo, and what others wrote inside it stays.
@@ -588,13 +622,19 @@ class Savepoints:
             return
         self._run("do_rollback_to_savepoint", entry.name)
         undone = stack[index:]
-        foreign = any(a.live for a in above) or any(
-            writer != mine for a in undone for writer in a.writers
-        )
-        # The savepoint stays established, and holds nothing now: kept for reuse.
+        foreign = any(writer != mine for a in undone for writer in a.writers)
+        # The savepoint stays established, and holds nothing now: kept for reuse. Transactions
+        # still open above it lost their savepoints with it; each gets a fresh one, so its own
+        # rollback or commit later still means what it would on a connection of its own.
+        survivors = [a for a in above if a.live]
         del stack[index + 1 :]
         entry.live = False
         entry.writers = set()
+        for survivor in survivors:
+            survivor.name = self._fresh_name()
+            survivor.writers = set()
+            self._run("do_savepoint", survivor.name)
+            stack.append(survivor)
         if foreign and self._sandbox.problem is None:
             self._sandbox.problem = (
                 "Two transactions were open at once on the test's connection (concurrent "
@@ -703,6 +743,31 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
     dialect.do_execute = executing("do_execute")  # type: ignore[method-assign]
     dialect.do_execute_no_params = executing("do_execute_no_params")  # type: ignore[method-assign]
     dialect.do_executemany = executing("do_executemany")  # type: ignore[method-assign]
+
+
+def _tag_session(session: Session, transaction: Any, connection: Connection) -> None:
+    """After a session began on a sandbox's connection: its savepoint is its transaction."""
+    ledger = _ledger(connection)
+    if ledger is None:
+        return
+    found = transaction._connections.get(connection)
+    name = getattr(found[1], "_savepoint", None) if found else None
+    if name is not None:
+        with ledger.lock:
+            ledger.tag((connection, name), id(session))
+
+
+_SESSIONS_TAGGED = False
+
+
+def tag_sessions() -> None:
+    """Tell the ledger which session each savepoint on a sandbox's connection belongs to."""
+    global _SESSIONS_TAGGED
+    if not _SESSIONS_TAGGED:
+        from sqlalchemy.orm import Session
+
+        event.listen(Session, "after_begin", _tag_session)
+        _SESSIONS_TAGGED = True
 
 
 def _ledger(connection: Connection) -> Savepoints | None:
