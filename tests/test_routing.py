@@ -1128,3 +1128,60 @@ def test_threads_take_turns_statement_by_statement(sync_backend: Project) -> Non
     sync_backend.ini("alchemy_engines = app:engine\nalchemy_thread_wait = 0.5\n")
     sync_backend.tests(THREAD_TURNS_TESTS.replace("SLEEP", repr(SLEEP[backend])))
     sync_backend.run().assert_outcomes(passed=2)
+
+
+TABLES_PER_TEST_CONFTEST = """
+import pytest
+
+import app
+from models import Base
+
+
+@pytest.fixture(autouse=True)
+def tables():
+    Base.metadata.create_all(app.engine)
+    yield
+    Base.metadata.drop_all(app.engine)
+"""
+
+TABLES_PER_TEST = """
+from sqlalchemy import select
+
+import app
+from models import Item
+
+
+def test_with_db_session(db_session):
+    db_session.add(Item(name="a"))
+    db_session.flush()
+    app.add_with_session("b")
+    assert app.names() == ["a", "b"]
+
+
+def test_without_a_database_fixture():
+    assert app.names() == []
+"""
+
+
+@pytest.mark.parametrize("order", ["session-first", "session-last"])
+@pytest.mark.parametrize(
+    "driver", _subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg"), ids=lambda d: d.id
+)
+def test_tables_built_by_each_test_pass_in_either_order(
+    driver: Driver, order: str, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """An autouse create_all/drop_all on a routed engine: the fixtures torn down after the
+    session's still run inside the sandbox (they used to run after it had ended)."""
+    project = project_for(driver, scratch_databases, pytester)
+    _app(project, SYNC_APP)
+    pytester.makeconftest(TABLES_PER_TEST_CONFTEST)
+    project.ini("alchemy_engines = app:engine\n", metadata=False)
+    with_session, without = TABLES_PER_TEST.split("\n\n\ndef test_without")
+    without = "def test_without" + without
+    head, with_session = with_session.split("\n\n\ndef test_with_db")
+    with_session = "def test_with_db" + with_session
+    pair = [with_session, without] if order == "session-first" else [without, with_session]
+    tests = head + "\n\n\n" + "\n\n\n".join(pair)
+    project.tests(tests)
+    project.run().assert_outcomes(passed=2)
+    assert project.leftover_tables() == []

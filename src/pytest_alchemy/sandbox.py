@@ -22,7 +22,6 @@ import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
 
 from pytest_alchemy import dialects
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     import re
     from collections.abc import Callable, Iterator
 
-    from sqlalchemy.engine import Engine, RootTransaction
+    from sqlalchemy.engine import Connection, Engine, RootTransaction
     from sqlalchemy.engine.interfaces import DBAPICursor, Dialect, ExecutionContext
     from sqlalchemy.orm import Session
 
@@ -269,7 +268,8 @@ class Sandbox:
     def start(self) -> None:
         """Open the outer transaction (sync connections)."""
         if self.connection.in_transaction():  # left over by a test that escaped; never commit
-            self.connection.rollback()
+            with self._watch.own_statements():
+                self.connection.rollback()
         restart_savepoint_names(self.connection)
         self.transaction = self.connection.begin()
         self.watch_transaction()
@@ -444,6 +444,7 @@ class Savepoints:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
         self._stack: list[_Savepoint] = []
+        self._abandon = False
 
     @property
     def lock(self) -> TurnLock:
@@ -607,9 +608,22 @@ class Savepoints:
                 stack[low - 1].writers |= entry.writers
         del stack[low:]
 
+    @contextlib.contextmanager
+    def abandoning(self) -> Iterator[None]:
+        """Rollbacks meanwhile end their savepoints without sending anything (teardown)."""
+        with self.lock:
+            self._abandon = True
+            try:
+                yield
+            finally:
+                self._abandon = False
+
     def rollback(self, owner: object) -> None:
         index = self._find(owner)
         if index is None:
+            return
+        if self._abandon:
+            self._stack[index].live = False  # its writes stay, held for the outer rollback
             return
         stack = self._stack
         entry = stack[index]
@@ -825,13 +839,18 @@ def _dead(connection: Connection) -> bool:
 
 
 def close_session_after(session: Session) -> None:
-    """Close a session at teardown, rolling the sandbox back first.
+    """Close a session at teardown, leaving the sandbox to its own fixture.
 
-    Rolling the outer transaction back first deactivates the session's savepoint, so closing
-    the session costs no round trip (``ROLLBACK TO SAVEPOINT`` would be one).
+    Fixtures torn down after the session's (a conftest's autouse ``drop_all`` on a routed
+    engine, a fixture cleaning up through ``db_connection``) still run inside the sandbox,
+    so it ends only with ``db_connection``. The session's transaction is abandoned, not
+    rolled back: the outer rollback undoes it soon anyway, closing costs no round trip, and
+    what the application committed inside it meanwhile is not undone for those fixtures.
     """
     bind = session.bind
-    sandbox = sandbox_of(bind) if isinstance(bind, Connection) else None
-    if sandbox is not None:
-        sandbox.end()
-    session.close()
+    sandbox = sandbox_of(bind) if bind is not None else None  # type: ignore[arg-type]
+    if sandbox is None:
+        session.close()
+        return
+    with sandbox.savepoints.abandoning():
+        session.close()
