@@ -6,7 +6,8 @@ test's connection and from a routed application engine; add, flush, commit, roll
 its recovery, Core ``engine.begin()`` writes, a ``SELECT`` of a function that inserts, a second
 overlapping session) and runs each program twice, step by step: on a scratch database with
 real commits and no plugin (the oracle: production), and inside a sandbox, driven as the
-fixtures drive it (a ``Sandbox`` on a kept connection, the application engine routed into it).
+fixtures drive it (a ``Sandbox`` on a kept connection, the application engine routed into it;
+for asyncpg an ``AsyncSandbox`` on one event loop, AsyncSessions and a routed AsyncEngine).
 After every step the exceptions and the rows each party sees must match; after the program,
 the sandboxed database must be exactly as before.
 
@@ -33,6 +34,7 @@ repeat: ``ALCHEMY_DIFFERENTIAL_EXAMPLES=2000 pytest tests/test_differential.py
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,16 +52,24 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import Engine, String, create_engine, event, insert, select, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import greenlet_spawn
 
-from pytest_alchemy import dialects
+from pytest_alchemy import aio, dialects
+from pytest_alchemy.aio import LoopState
 from pytest_alchemy.routing import Routes
 from pytest_alchemy.sandbox import JOIN_MODE, ConnectionKeeper, Sandbox
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    SandboxSide = Callable[[], tuple[Sandbox, "World", Callable[[], None]]]
+    Sides = tuple[
+        SandboxSide, Callable[[Callable[[], list[str]]], "World"], list[Callable[[], None]]
+    ]
 
 
 class Base(DeclarativeBase):
@@ -94,24 +104,52 @@ EXAMPLES = SOAK or 40
 class World:
     """One side of the comparison: two sessionmakers, an application engine, an observer."""
 
-    makers: tuple[sessionmaker[Session], sessionmaker[Session]]
-    engine: Engine
+    makers: tuple[Any, Any]  # sessionmakers, or async_sessionmakers
+    engine: Engine  # an AsyncEngine's sync_engine for async drivers
     observe: Callable[[], list[str]]  # the committed rows, as a new connection sees them
+    runner: Runner
     sessions: list[Session | None] = field(default_factory=lambda: [None] * 4)
+    _async_sessions: list[Any] = field(default_factory=list)
 
     def session(self, slot: int) -> Session:
+        """The slot's session; an AsyncSession is driven through its sync_session, inside
+        the greenlet ``call`` runs steps in, so the async driver serves every statement."""
         found = self.sessions[slot]
         if found is None:
-            found = self.sessions[slot] = self.makers[slot // 2]()
+            made = self.makers[slot // 2]()
+            if isinstance(made, AsyncSession):
+                self._async_sessions.append(made)
+                made = made.sync_session
+            found = self.sessions[slot] = made
         return found
+
+    def call(self, step: Callable[[], Any]) -> Any:
+        return self.runner.call(step)
 
     def close_all(self, newest_first: list[int]) -> None:
         rest = [slot for slot in range(len(self.sessions)) if slot not in newest_first]
         for slot in newest_first + rest:
             session = self.sessions[slot]
             if session is not None:
-                session.close()
+                self.call(session.close)
             self.sessions[slot] = None
+        self._async_sessions.clear()
+
+
+class Runner:
+    """Runs steps directly (sync drivers), or in a greenlet on one event loop (async ones)."""
+
+    def __init__(self, is_async: bool) -> None:
+        self.loop = asyncio.new_event_loop() if is_async else None
+
+    def call(self, step: Callable[[], Any]) -> Any:
+        if self.loop is None:
+            return step()
+        return self.loop.run_until_complete(greenlet_spawn(step))
+
+    def wait(self, awaitable: Any) -> Any:
+        assert self.loop is not None
+        return self.loop.run_until_complete(awaitable)
 
 
 def outcome(run: Callable[[], Any]) -> tuple[str, Any]:
@@ -131,8 +169,9 @@ class Databases:
     """The sandbox's database and the oracle's, each with a table and the seed row."""
 
     backend: str
-    sandbox_url: str
+    sandbox_url: str  # sync URLs; ``driver`` says which driver the worlds use
     oracle_url: str
+    driver: str = ""
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -165,11 +204,13 @@ def _prepare(url: str, backend: str) -> None:
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql"])
+@pytest.fixture(
+    params=["sqlite-pysqlite", "postgresql-psycopg", "postgresql-asyncpg", "mysql-pymysql"]
+)
 def databases(
     request: pytest.FixtureRequest, scratch_databases: dict[str, str], tmp_path: Path
 ) -> Iterator[Databases]:
-    backend = request.param.split("-")[0]
+    backend, driver = request.param.split("-")
     if backend == "sqlite":
         found = Databases(backend, f"sqlite:///{tmp_path}/sandbox.db", f"sqlite:///{tmp_path}/o.db")
     else:
@@ -189,6 +230,7 @@ def databases(
             server.dispose()
 
         found.cleanup.append(drop)
+    found.driver = driver
     _prepare(found.sandbox_url, backend)
     _prepare(found.oracle_url, backend)
     yield found
@@ -204,53 +246,110 @@ def _observer(engine: Engine) -> Callable[[], list[str]]:
     return observe
 
 
-def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
-    """The state machine comparing the two worlds on ``databases``."""
-    backend = databases.backend
-    # The sandbox's side, as the fixtures set it up: the plugin's engine (its pysqlite
-    # savepoint fix included), one kept connection; the application's own engine and
-    # sessionmaker, routed into each example's sandbox.
+def _sync_side(databases: Databases, runner: Runner) -> Sides:
+    """Sync drivers. The sandbox's side as the fixtures set it up: the plugin's engine (its
+    pysqlite savepoint fix included), one kept connection; the application's own engine and
+    sessionmaker, routed into each example's sandbox. The oracle: real commits."""
     url, options = dialects.engine_options(make_url(databases.sandbox_url))
     sandbox_engine = create_engine(url, **options)
     dialects.prepare_engine(sandbox_engine)
     keeper = ConnectionKeeper(sandbox_engine)
     app_engine = create_engine(databases.sandbox_url)
     app_maker = sessionmaker(app_engine)
-    # The oracle: production, real commits on a database of its own.
     oracle_engine = create_engine(databases.oracle_url)
-    if backend == "sqlite":
+    if databases.backend == "sqlite":
         _sqlite_savepoints(oracle_engine)
+
+    def sandbox_side() -> tuple[Sandbox, World, Callable[[], None]]:
+        kept = keeper.acquire()  # replaced if an example left it broken, as between tests
+        box = Sandbox(kept)
+        box.start()
+        routes = Routes()
+        routes.add(app_engine, box)
+        fixture_maker = sessionmaker(bind=kept, join_transaction_mode=JOIN_MODE)
+        world = World(
+            (fixture_maker, app_maker),
+            app_engine,
+            lambda: sorted(kept.scalars(select(Item.name))),
+            runner,
+        )
+
+        def end() -> None:
+            routes.stop()
+            box.end()
+
+        return box, world, end
+
+    def oracle_world(observe: Callable[[], list[str]]) -> World:
+        makers = (sessionmaker(oracle_engine), sessionmaker(oracle_engine))
+        return World(makers, oracle_engine, observe, runner)
+
+    cleanup = [keeper.close, sandbox_engine.dispose, app_engine.dispose, oracle_engine.dispose]
+    return sandbox_side, oracle_world, cleanup
+
+
+def _async_side(databases: Databases, runner: Runner) -> Sides:
+    """asyncpg: the same on one event loop, as async_db_connection and a routed AsyncEngine
+    set it up; AsyncSessions driven through their sync sessions in a greenlet."""
+    async_url = make_url(databases.sandbox_url).set(drivername="postgresql+asyncpg")
+    url, options = dialects.engine_options(async_url)
+    sandbox_engine = create_async_engine(url, **options)
+    state = LoopState(sandbox_engine)
+    app_engine = create_async_engine(async_url)
+    app_maker = async_sessionmaker(app_engine)
+    oracle_url = make_url(databases.oracle_url).set(drivername="postgresql+asyncpg")
+    oracle_engine = create_async_engine(oracle_url)
+
+    def sandbox_side() -> tuple[Sandbox, World, Callable[[], None]]:
+        kept = runner.wait(state.acquire())
+        box = runner.wait(aio.open_sandbox(kept))
+        routes = Routes()
+        routes.add(app_engine.sync_engine, box.core)
+        fixture_maker = async_sessionmaker(bind=kept, join_transaction_mode=JOIN_MODE)
+        sync_kept = kept.sync_connection
+        assert sync_kept is not None
+
+        def observe() -> list[str]:
+            return sorted(runner.call(lambda: list(sync_kept.scalars(select(Item.name)))))
+
+        world = World((fixture_maker, app_maker), app_engine.sync_engine, observe, runner)
+
+        def end() -> None:
+            routes.stop()
+            runner.wait(box.end())
+
+        return box.core, world, end
+
+    def oracle_world(observe: Callable[[], list[str]]) -> World:
+        makers = (async_sessionmaker(oracle_engine), async_sessionmaker(oracle_engine))
+        return World(makers, oracle_engine.sync_engine, observe, runner)
+
+    def close() -> None:
+        runner.wait(state.aclose())
+        runner.wait(app_engine.dispose())
+        runner.wait(oracle_engine.dispose())
+        assert runner.loop is not None
+        runner.loop.close()
+
+    return sandbox_side, oracle_world, [close]
+
+
+def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
+    """The state machine comparing the two worlds on ``databases``."""
+    backend = databases.backend
+    runner = Runner(is_async=databases.driver == "asyncpg")
+    side = _async_side if runner.loop is not None else _sync_side
+    sandbox_side, oracle_world, cleanup = side(databases, runner)
     observer_engine = create_engine(databases.oracle_url, poolclass=NullPool)
     outside = create_engine(databases.sandbox_url, poolclass=NullPool)
-    databases.cleanup[:0] = [
-        keeper.close,
-        sandbox_engine.dispose,
-        app_engine.dispose,
-        oracle_engine.dispose,
-        observer_engine.dispose,
-        outside.dispose,
-    ]
+    databases.cleanup[:0] = [*cleanup, observer_engine.dispose, outside.dispose]
     before = _observer(outside)()
 
     class Differential(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
-            kept = keeper.acquire()  # replaced if an example left it broken, as between tests
-            self.box = Sandbox(kept)
-            self.box.start()
-            self.routes = Routes()
-            self.routes.add(app_engine, self.box)
-            fixture_maker = sessionmaker(bind=kept, join_transaction_mode=JOIN_MODE)
-            self.sandbox = World(
-                (fixture_maker, app_maker),
-                app_engine,
-                lambda: sorted(kept.scalars(select(Item.name))),
-            )
-            self.oracle = World(
-                (sessionmaker(oracle_engine), sessionmaker(oracle_engine)),
-                oracle_engine,
-                _observer(observer_engine),
-            )
+            self.box, self.sandbox, self.end_box = sandbox_side()
+            self.oracle = oracle_world(_observer(observer_engine))
             self.writer: int | None = None  # the slot whose transaction holds writes
             self.order: list[int] = []  # fixture slots (0, 1) with a transaction, oldest first
             self.open: set[int] = set()  # slots with a transaction begun
@@ -259,8 +358,8 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
         # -- the comparison ----------------------------------------------------------------
 
         def both(self, step: Callable[[World], Any]) -> tuple[str, Any]:
-            expected = outcome(lambda: step(self.oracle))
-            got = outcome(lambda: step(self.sandbox))
+            expected = outcome(lambda: self.oracle.call(lambda: step(self.oracle)))
+            got = outcome(lambda: self.sandbox.call(lambda: step(self.sandbox)))
             assert got == expected, f"sandbox {got} != production {expected}"
             return expected
 
@@ -270,7 +369,7 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
                 return set()
             session = self.oracle.sessions[self.writer]
             assert session is not None
-            return set(names(session)) - set(self.oracle.observe())
+            return set(self.oracle.call(lambda: names(session))) - set(self.oracle.observe())
 
         def may_write(self, slot: int) -> bool:
             return self.writer in (None, slot) and slot not in self.stale and self.may_use(slot)
@@ -381,10 +480,11 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
         def read(self, slot: int) -> None:
             if slot in self.stale or not self.may_use(slot):
                 return
-            expected = outcome(lambda: names(self.oracle.session(slot)))
+            oracle, sandbox = self.oracle, self.sandbox
+            expected = outcome(lambda: oracle.call(lambda: names(oracle.session(slot))))
             if expected[0] == "ok" and self.writer != slot:
                 expected = ("ok", sorted(set(expected[1]) | self.pending()))
-            got = outcome(lambda: names(self.sandbox.session(slot)))
+            got = outcome(lambda: sandbox.call(lambda: names(sandbox.session(slot))))
             assert got == expected, f"sandbox {got} != production {expected}"
             self.began(slot)
 
@@ -425,13 +525,13 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
         def teardown(self) -> None:
             failed = []
             newest_first = self.order[::-1]
-            for step in (
+            steps: list[Callable[[], None]] = [
                 lambda: self.oracle.close_all(newest_first),
                 self.reset_oracle,
                 lambda: self.sandbox.close_all(newest_first),
-                self.routes.stop,
-                self.box.end,
-            ):
+                self.end_box,
+            ]
+            for step in steps:
                 try:
                     step()
                 except Exception as exc:  # every step runs: the next example starts clean
@@ -442,7 +542,7 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
             assert after == before, f"the sandbox left {after}, it started from {before}"
 
         def reset_oracle(self) -> None:
-            with oracle_engine.begin() as conn:  # the oracle's own reset: real deletes
+            with observer_engine.begin() as conn:  # the oracle's own reset: real deletes
                 conn.exec_driver_sql(f"DELETE FROM alchemy_item WHERE name <> '{SEED}'")
 
     return Differential
