@@ -97,7 +97,7 @@ SLOTS = st.sampled_from(range(4))
 
 #: A soak run sets the number of examples, and gets random programs (or --hypothesis-seed's).
 SOAK = int(os.environ.get("ALCHEMY_DIFFERENTIAL_EXAMPLES", "0"))
-EXAMPLES = SOAK or 40
+EXAMPLES = SOAK or 100
 
 
 @dataclass
@@ -216,17 +216,21 @@ def databases(
     else:
         if scratch_databases[backend].startswith("!"):
             _unavailable(backend, RuntimeError(scratch_databases[backend][1:]))
+        # Databases of its own (named after the worker's scratch database, so a crashed run's
+        # are swept with it): the scratch database is other tests' base database.
         url = make_url(scratch_databases[backend])
-        oracle = url.set(database=f"{url.database}_oracle")
+        sandbox, oracle = (url.set(database=f"{url.database}_{n}") for n in ("dsand", "dorcl"))
         server = admin(url)
         with server.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {oracle.database}")
-        found = Databases(backend, url.render_as_string(False), oracle.render_as_string(False))
+            for each in (sandbox, oracle):
+                conn.exec_driver_sql(f"CREATE DATABASE {each.database}")
+        found = Databases(backend, sandbox.render_as_string(False), oracle.render_as_string(False))
 
         def drop() -> None:
             force = " WITH (FORCE)" if backend == "postgresql" else ""
             with server.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {oracle.database}{force}")
+                for each in (sandbox, oracle):
+                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {each.database}{force}")
             server.dispose()
 
         found.cleanup.append(drop)
@@ -340,7 +344,8 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
     runner = Runner(is_async=databases.driver == "asyncpg")
     side = _async_side if runner.loop is not None else _sync_side
     sandbox_side, oracle_world, cleanup = side(databases, runner)
-    observer_engine = create_engine(databases.oracle_url, poolclass=NullPool)
+    # Pooled: each observation checks out a connection in a new transaction (a new snapshot).
+    observer_engine = create_engine(databases.oracle_url)
     outside = create_engine(databases.sandbox_url, poolclass=NullPool)
     databases.cleanup[:0] = [*cleanup, observer_engine.dispose, outside.dispose]
     before = _observer(outside)()
