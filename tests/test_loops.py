@@ -160,3 +160,44 @@ def test_anyio_runs_on_one_loop_without_a_keep_alive_fixture(
     project.tests(ANYIO_TESTS, name="test_first")
     project.tests(ANYIO_TESTS, name="test_second")
     project.run("-p", "no:asyncio").assert_outcomes(passed=6)
+
+
+HIDDEN_500_TESTS = """
+import pytest
+from fastapi.testclient import TestClient
+
+from api import api
+
+
+def test_sync_test_whose_app_gets_a_500():
+    client = TestClient(api, raise_server_exceptions=False)
+    assert client.post("/items/a").status_code == 500  # what the app made of the refusal
+
+
+@pytest.mark.asyncio
+async def test_async_test_whose_app_on_another_loop_gets_a_500():
+    client = TestClient(api, raise_server_exceptions=False)
+    assert client.post("/items/a").status_code == 500
+"""
+
+
+def test_a_loop_error_inside_the_app_reaches_the_report(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """The app turns the plugin's error into a bare HTTP 500; the test fails with the error
+    at teardown all the same, so the explanation is in pytest's output."""
+    driver = next(d for d in ASYNC_DRIVERS if d.id == "postgresql-asyncpg")
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(api=API.replace("APP_URL", repr(project.url)))
+    project.ini("alchemy_engines = api:engine\n")
+    project.tests(HIDDEN_500_TESTS)
+    result = project.run()
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_sync_test_whose_app_gets_a_500*",
+            "*UnsandboxedEngineError: The AsyncEngine * was used in the sync test*",
+            "*ERROR at teardown of test_async_test_whose_app_on_another_loop_gets_a_500*",
+            "*EventLoopMismatchError: async_db_connection was opened on one event loop*",
+        ]
+    )

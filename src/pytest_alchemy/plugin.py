@@ -217,6 +217,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             target.loops.anyio.release()
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+def _swallowed(request: pytest.FixtureRequest, raised: str | None) -> bool:
+    """Whether an error raised during the test went unreported (the test passed anyway)."""
+    return raised is not None and not request.node.stash.get(_CALL_FAILED, False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     # Escapes are looked for while the test body runs: fixtures' set-up (provisioning, an
@@ -399,6 +415,8 @@ def db_connection(
             if sandbox.escaped:
                 restored = _restore(_alchemy_target, db_engine if keeper else None)
             _fail(SandboxBrokenError(sandbox.problem + restored))
+        if _swallowed(request, sandbox.raised):
+            _fail(SandboxBrokenError(str(sandbox.raised)))
     finally:
         sandbox.end()
         if keeper is None:
@@ -529,8 +547,10 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
     except pytest.UsageError as exc:  # alchemy_engines names what cannot be imported
         pytest.fail(str(exc), pytrace=False)
     finally:
-        routes.stop()
+        refused = routes.stop()
     escapes, written = router.escapes.take()
+    if refused and not escapes and _swallowed(request, refused[0]):
+        _fail(UnsandboxedEngineError(" ".join(dict.fromkeys(refused))))
     if escapes:
         target = request.config.stash.get(_TARGET, None)
         restored = ""
@@ -629,6 +649,8 @@ async def async_db_connection(
                 except Exception as exc:
                     restored = _restore_failed(exc)
             _fail(SandboxBrokenError(sandbox.core.problem + restored))
+        if _swallowed(request, sandbox.core.raised):
+            _fail(SandboxBrokenError(str(sandbox.core.raised)))
     finally:
         await sandbox.end()
         if not own:

@@ -234,8 +234,10 @@ class _RefusingPool(StaticPool):
     def __init__(self, engine: Engine, message: str) -> None:
         super().__init__(lambda: None, dialect=engine.dialect)  # type: ignore[arg-type]
         self._message = message
+        self.refused = False  # raised at least once: the test fails with it at teardown
 
     def _do_get(self) -> ConnectionPoolEntry:
+        self.refused = True
         raise UnsandboxedEngineError(self._message)
 
     def recreate(self) -> _RefusingPool:
@@ -398,7 +400,13 @@ class _Refusal:
     def __init__(self, engine: Engine, message: str) -> None:
         self.engine = engine
         self._pool = engine.pool
-        engine.pool = _RefusingPool(engine, message)
+        self._refusing = _RefusingPool(engine, message)
+        engine.pool = self._refusing
+        self.message = message
+
+    @property
+    def refused(self) -> bool:
+        return self._refusing.refused
 
     def stop(self) -> None:
         self.engine.pool = self._pool
@@ -428,10 +436,13 @@ class Routes:
     def routed(self, engine: Engine) -> bool:
         return id(_root(engine)) in self._routes
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop every route; the refusals that were met (the test fails with them: inside an
+        app they may have become a bare HTTP 500)."""
         routes, self._routes = self._routes, {}
         for route in reversed(list(routes.values())):
             route.stop()
+        return [r.message for r in routes.values() if isinstance(r, _Refusal) and r.refused]
 
 
 # -- escapes ----------------------------------------------------------------------------------

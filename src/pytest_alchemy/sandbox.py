@@ -124,7 +124,7 @@ class Watch:
         except RuntimeError:
             running = None
         if running is not self.loop:
-            raise EventLoopMismatchError(
+            message = (
                 "async_db_connection was opened on one event loop and is used from another. "
                 f"A {self.driver} connection belongs to the loop it was opened on: the async "
                 "fixtures and the test must share one loop. With pytest-asyncio set both "
@@ -134,6 +134,12 @@ class Watch:
                 "Starlette's TestClient runs the app on its own loop: use "
                 "httpx.AsyncClient(transport=httpx.ASGITransport(app)) instead."
             )
+            # Raised inside an app on another loop it often becomes a bare HTTP 500: the test
+            # fails with it at teardown all the same.
+            owner = self.owner
+            if owner is not None and owner.raised is None:
+                owner.raised = f"EventLoopMismatchError: {message}"
+            raise EventLoopMismatchError(message)
 
     def _commit(self, conn: Connection) -> None:
         if self.owner is not None and not self.internal:
@@ -204,6 +210,9 @@ class Sandbox:
     def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop | None = None):
         self.connection = connection
         self.problem: str | None = None
+        #: An error raised to code that may have swallowed it (an app on another loop turns
+        #: it into an HTTP 500): the test fails with it at teardown unless it failed already.
+        self.raised: str | None = None
         self.changed_session = False  # a MySQL SET that a rollback does not undo
         self._watch = watch(connection, loop)
         self._watch.owner = self
