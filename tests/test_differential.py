@@ -20,12 +20,7 @@ What one connection cannot give is stated by the model rather than generated:
   one could undo the other's work; that case fails the test with an explanation instead);
 - a transaction that saw another party commit does not write afterwards (its rollback would
   undo that commit on the one connection) and its reads are not compared (production's
-  snapshot, on MySQL and SQLite, hides the newer commit);
-- sessions of the sessionmaker on the test's connection end in the reverse order they began
-  (they share one SQLAlchemy ``Connection``, whose savepoints must nest: ending the older one
-  first warns "nested transaction already deassociated from connection" or leaves the
-  connection needing a rollback). Sessions of routed engines, each on a ``Connection`` of its
-  own, may end in any order.
+  snapshot, on MySQL and SQLite, hides the newer commit).
 
 In CI: a fixed seed (derandomized) and a bounded number of examples. A soak run anyone can
 repeat: ``ALCHEMY_DIFFERENTIAL_EXAMPLES=2000 pytest tests/test_differential.py
@@ -126,9 +121,8 @@ class World:
     def call(self, step: Callable[[], Any]) -> Any:
         return self.runner.call(step)
 
-    def close_all(self, newest_first: list[int]) -> None:
-        rest = [slot for slot in range(len(self.sessions)) if slot not in newest_first]
-        for slot in newest_first + rest:
+    def close_all(self) -> None:
+        for slot in range(len(self.sessions)):
             session = self.sessions[slot]
             if session is not None:
                 self.call(session.close)
@@ -356,7 +350,6 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
             self.box, self.sandbox, self.end_box = sandbox_side()
             self.oracle = oracle_world(_observer(observer_engine))
             self.writer: int | None = None  # the slot whose transaction holds writes
-            self.order: list[int] = []  # fixture slots (0, 1) with a transaction, oldest first
             self.open: set[int] = set()  # slots with a transaction begun
             self.stale: set[int] = set()  # open slots that saw another party commit
 
@@ -377,17 +370,10 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
             return set(self.oracle.call(lambda: names(session))) - set(self.oracle.observe())
 
         def may_write(self, slot: int) -> bool:
-            return self.writer in (None, slot) and slot not in self.stale and self.may_use(slot)
-
-        def may_use(self, slot: int) -> bool:
-            """Whether ``slot`` may begin or end a transaction here (see the module's note:
-            transactions of sessions on the test's one Connection nest)."""
-            return slot >= 2 or slot not in self.order or self.order[-1] == slot
+            return self.writer in (None, slot) and slot not in self.stale
 
         def began(self, slot: int) -> None:
             self.open.add(slot)
-            if slot < 2 and slot not in self.order:
-                self.order.append(slot)
 
         def wrote(self, slot: int, result: tuple[str, Any]) -> None:
             self.began(slot)
@@ -403,8 +389,6 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
                 self.writer = None
             self.open.discard(slot)
             self.stale.discard(slot)
-            if slot in self.order:
-                self.order.remove(slot)
 
         # -- what applications do ----------------------------------------------------------
 
@@ -483,7 +467,7 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
 
         @rule(slot=SLOTS)
         def read(self, slot: int) -> None:
-            if slot in self.stale or not self.may_use(slot):
+            if slot in self.stale:
                 return
             oracle, sandbox = self.oracle, self.sandbox
             expected = outcome(lambda: oracle.call(lambda: names(oracle.session(slot))))
@@ -495,22 +479,16 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
 
         @rule(slot=SLOTS)
         def commit(self, slot: int) -> None:
-            if not self.may_use(slot):
-                return
             self.both(lambda world: world.session(slot).commit())
             self.ended(slot, committed=True)
 
         @rule(slot=SLOTS)
         def rollback(self, slot: int) -> None:
-            if not self.may_use(slot):
-                return
             self.both(lambda world: world.session(slot).rollback())
             self.ended(slot, committed=False)
 
         @rule(slot=SLOTS)
         def close(self, slot: int) -> None:
-            if not self.may_use(slot):
-                return
 
             def step(world: World) -> None:
                 session = world.sessions[slot]
@@ -529,11 +507,10 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             failed = []
-            newest_first = self.order[::-1]
             steps: list[Callable[[], None]] = [
-                lambda: self.oracle.close_all(newest_first),
+                self.oracle.close_all,
                 self.reset_oracle,
-                lambda: self.sandbox.close_all(newest_first),
+                self.sandbox.close_all,
                 self.end_box,
             ]
             for step in steps:

@@ -63,6 +63,7 @@ class Watch:
         self.session_state = dialects.session_state_pattern(connection.dialect.name)
         install_savepoint_hooks(connection.dialect)
         event.listen(connection, "before_cursor_execute", self._before_cursor_execute)
+        event.listen(connection, "after_execute", self._after_execute)
         event.listen(connection, "commit", self._commit)
         event.listen(connection, "rollback", self._rollback)
 
@@ -116,6 +117,10 @@ class Watch:
                 f"outer transaction, and what the test wrote would survive it. "
                 f"{dialects.refusal_advice(statement)}"
             )
+
+    def _after_execute(self, conn: Connection, *args: Any) -> None:
+        if self.owner is not None:
+            self.owner.savepoints.acting(None, "execute")  # an ORM execute ends with it
 
     def check_loop(self) -> None:
         __tracebackhide__ = True
@@ -454,6 +459,7 @@ class Savepoints:
         self._sandbox = sandbox
         self._stack: list[_Savepoint] = []
         self._abandon = False
+        self._acting: dict[int, tuple[int, str]] = {}  # thread -> (session, "flush"/"execute")
 
     @property
     def lock(self) -> TurnLock:
@@ -536,11 +542,28 @@ class Savepoints:
         if self._stack and (statement is None or not proves_read_only(statement)):
             self._stack[-1].writers.add(self._writer(party))
 
+    def acting(self, session: int | None, kind: str = "") -> None:
+        """The session whose flush or ORM execute this thread is running (None: done)."""
+        me = threading.get_ident()
+        if session is None:
+            found = self._acting.get(me)
+            if found is not None and (not kind or found[1] == kind):
+                del self._acting[me]
+        else:
+            self._acting[me] = (session, kind)
+
     def _writer(self, party: object) -> int:
-        """Who wrote a statement of ``party``: statements carry their connection, not their
-        session, so of sessions sharing one connection it is the one that began last and is
-        still open (the innermost live savepoint of that party); else the party itself."""
-        for entry in reversed(self._stack):
+        """Who wrote a statement of ``party``. Statements carry their connection, not their
+        session: for sessions sharing one connection it is the session whose flush or ORM
+        execute is running, else the one that began last and is still open (the innermost
+        live savepoint of that party); for everyone else, the party itself."""
+        stack = self._stack
+        acting = self._acting.get(threading.get_ident())
+        if acting is not None and any(
+            e.live and e.group == acting[0] and e.party is party for e in stack
+        ):
+            return acting[0]
+        for entry in reversed(stack):
             if entry.live and entry.party is party:
                 return entry.writer
         return id(party)
@@ -723,7 +746,9 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
     dialect._alchemy_hooked = True  # type: ignore[attr-defined]
     cls = type(dialect)
 
-    def savepoint(method: str, op: Callable[[Savepoints, Connection, str], None]) -> Any:
+    def savepoint(
+        method: str, op: Callable[[Savepoints, Connection, str], None], *, ends: bool = False
+    ) -> Any:
         run = getattr(cls, method)
 
         def hook(connection: Connection, name: str) -> None:
@@ -732,6 +757,8 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
                 run(dialect, connection, name)
             else:
                 with ledger.lock:
+                    if ends:
+                        _let_end_out_of_order(connection, name)
                     op(ledger, connection, name)
 
         return hook
@@ -758,14 +785,39 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
         "do_savepoint", lambda ledger, conn, name: ledger.open((conn, name), conn.connection)
     )
     dialect.do_release_savepoint = savepoint(  # type: ignore[method-assign]
-        "do_release_savepoint", lambda ledger, conn, name: ledger.release((conn, name))
+        "do_release_savepoint", lambda ledger, conn, name: ledger.release((conn, name)), ends=True
     )
     dialect.do_rollback_to_savepoint = savepoint(  # type: ignore[method-assign]
-        "do_rollback_to_savepoint", lambda ledger, conn, name: ledger.rollback((conn, name))
+        "do_rollback_to_savepoint",
+        lambda ledger, conn, name: ledger.rollback((conn, name)),
+        ends=True,
     )
     dialect.do_execute = executing("do_execute")  # type: ignore[method-assign]
     dialect.do_execute_no_params = executing("do_execute_no_params")  # type: ignore[method-assign]
     dialect.do_executemany = executing("do_executemany")  # type: ignore[method-assign]
+
+
+def _let_end_out_of_order(connection: Connection, name: str) -> None:
+    """Let a savepoint of the test's connection end while a newer one is still open.
+
+    Sessions of ``db_sessionmaker`` share the sandbox's one Connection, and SQLAlchemy keeps
+    its savepoints as a chain that must unwind newest first: ending an older session's first
+    warns "nested transaction already deassociated from connection" and leaves the chain
+    pointing at an ended savepoint ("Can't reconnect until invalid savepoint transaction is
+    rolled back"). On connections of their own they would end in any order, so the ended one
+    is taken out of the chain here, just before SQLAlchemy unlinks it: it is made the chain's
+    head for a moment, with the newest one as its predecessor, so unlinking it restores the
+    newest. What the database does is the ledger's business (see :class:`Savepoints`).
+    """
+    newest = connection._nested_transaction  # SQLAlchemy's private chain of savepoints
+    newer, found = None, newest
+    while found is not None and getattr(found, "_savepoint", None) != name:
+        newer, found = found, found._previous_nested
+    if found is None or newer is None:
+        return  # not SQLAlchemy's, or the newest one already: the ordinary case
+    newer._previous_nested = found._previous_nested
+    found._previous_nested = newest
+    connection._nested_transaction = found
 
 
 def _tag_session(session: Session, transaction: Any, connection: Connection) -> None:
@@ -783,13 +835,41 @@ def _tag_session(session: Session, transaction: Any, connection: Connection) -> 
 _SESSIONS_TAGGED = False
 
 
+def _session_ledger(session: Session) -> Savepoints | None:
+    bind = session.bind
+    return _ledger(bind) if bind is not None and hasattr(bind, "dialect") else None  # type: ignore[arg-type]
+
+
+def _flushing(session: Session, *args: Any) -> None:
+    ledger = _session_ledger(session)
+    if ledger is not None:
+        ledger.acting(id(session), "flush")
+
+
+def _executing(state: Any) -> None:
+    ledger = _session_ledger(state.session)
+    if ledger is not None:
+        ledger.acting(id(state.session), "execute")
+
+
+def _done(session: Session, *args: Any) -> None:
+    ledger = _session_ledger(session)
+    if ledger is not None:
+        ledger.acting(None)
+
+
 def tag_sessions() -> None:
-    """Tell the ledger which session each savepoint on a sandbox's connection belongs to."""
+    """Tell the ledger which session each savepoint on a sandbox's connection belongs to,
+    and which session's flush or ORM execute a statement comes from."""
     global _SESSIONS_TAGGED
     if not _SESSIONS_TAGGED:
         from sqlalchemy.orm import Session
 
         event.listen(Session, "after_begin", _tag_session)
+        event.listen(Session, "before_flush", _flushing)
+        event.listen(Session, "do_orm_execute", _executing)
+        for done in ("after_flush_postexec", "after_rollback", "after_soft_rollback"):
+            event.listen(Session, done, _done)
         _SESSIONS_TAGGED = True
 
 
