@@ -99,3 +99,17 @@ def test_async_url_can_be_set_explicitly(pytester: pytest.Pytester) -> None:
         ["*SYNC sqlite test_app.sqlite3*", "*ASYNC sqlite+aiosqlite test_other.sqlite3*"]
     )
     assert not (pytester.path / "test_other.sqlite3").exists()  # created and dropped
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+def test_a_bad_thread_wait_is_a_usage_error_naming_it(
+    value: str, pytester: pytest.Pytester
+) -> None:
+    project = Project(pytester, None)
+    project.ini(f"alchemy_thread_wait = {value}\n", metadata=False)
+    project.tests(SHOW)
+    result = project.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*alchemy_thread_wait = '{value}': give a number of seconds above 0, e.g. 10.*"]
+    )

@@ -262,10 +262,6 @@ async def prepare_first_savepoint(session: AsyncSession) -> None:
 async def close_session_after(session: AsyncSession) -> None:
     """Close a session at teardown, leaving the sandbox to its own fixture (see
     :func:`pytest_alchemy.sandbox.close_session_after`)."""
-    bind = session.bind
-    sandbox = _sandboxes.get(bind) if bind is not None else None  # type: ignore[arg-type]
-    if sandbox is None:
-        await session.close()
-        return
-    with sandbox.core.savepoints.abandoning():
+    sandbox = sandbox_of(session.bind) if session.bind is not None else None  # type: ignore[arg-type]
+    with sandbox.savepoints.abandoning() if sandbox is not None else contextlib.nullcontext():
         await session.close()

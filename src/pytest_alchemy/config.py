@@ -52,6 +52,8 @@ ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 THREAD_WAIT_INI = "alchemy_thread_wait"
+#: Seconds a thread waits for another thread's statement on the shared connection.
+THREAD_WAIT_DEFAULT = 10.0
 SUFFIX_OPTION = Option(
     "--alchemy-database-suffix", "PYTEST_ALCHEMY_DATABASE_SUFFIX", "alchemy_database_suffix"
 )
@@ -100,7 +102,7 @@ class Settings:
     session_options: tuple[tuple[str, Any], ...] = ()  # see sessions.py
     session_class: str | None = None
     async_session_class: str | None = None
-    thread_wait: float = 10.0  # seconds a thread waits for another's statement (TurnLock)
+    thread_wait: float = THREAD_WAIT_DEFAULT  # see sandbox.TurnLock
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:

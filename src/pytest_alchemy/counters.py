@@ -48,8 +48,9 @@ class Counters:
         self.backend = backend
         #: PostgreSQL: sequence -> the setval() arguments that restore it.
         self.sequences: dict[str, tuple[int, bool]] = {}
-        #: table (lower-cased) -> its sequences (PostgreSQL) or its AUTO_INCREMENT (MySQL).
+        #: PostgreSQL: table (lower-cased) -> its sequences.
         self.tables: dict[str, list[str]] = {}
+        #: MySQL/MariaDB: table (lower-cased) -> (its name as written, its AUTO_INCREMENT).
         self.auto_increment: dict[str, tuple[str, int]] = {}
 
     @classmethod

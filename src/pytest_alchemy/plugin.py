@@ -145,9 +145,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini(
         _config.THREAD_WAIT_INI,
-        default="10",
+        default=f"{_config.THREAD_WAIT_DEFAULT:g}",
         help="Seconds a thread waits for another thread's statement on the test's shared "
-        "connection before failing with the reason (default 10).",
+        f"connection before failing with the reason (default {_config.THREAD_WAIT_DEFAULT:g}).",
     )
     parser.addini(
         _config.RESET_SEQUENCES_INI,

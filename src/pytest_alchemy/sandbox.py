@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import event
 
 from pytest_alchemy import dialects
+from pytest_alchemy.config import THREAD_WAIT_DEFAULT
 from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
 from pytest_alchemy.statements import counted_tables, proves_read_only
 
@@ -257,9 +258,11 @@ class Sandbox:
         the rollback. A failure inside is retried after; one after fails the test.
         """
         counters = self.counters
-        if counters is None or not self.counters_to_reset:
-            return
-        if inside and not counters.resets_inside:
+        if (
+            counters is None
+            or not self.counters_to_reset
+            or (inside and not counters.resets_inside)
+        ):
             return
         statements = counters.reset_statements(self._counted)
         try:
@@ -397,11 +400,9 @@ class Sandbox:
         try:
             if action == "rollback":
                 assert self.transaction is not None
-                if self.counters_to_reset:
-                    self.reset_counters(inside=True)
+                self.reset_counters(inside=True)
                 self.transaction.rollback()
-                if self.counters_to_reset:
-                    self.reset_counters(inside=False)
+                self.reset_counters(inside=False)
             elif action == "invalidate":
                 self.connection.invalidate()
             elif action == "reset":
@@ -709,9 +710,6 @@ class TurnLock:
     fails saying why.
     """
 
-    #: Seconds a thread waits for another thread's statement on the connection.
-    DEFAULT_TIMEOUT = 10.0
-
     #: After a thread was told, its clean-up (the rollback as the error unwinds) waits this
     #: many times longer, so the error it was told is the one it raises.
     _CLEAN_UP = 10
@@ -719,7 +717,7 @@ class TurnLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._told = threading.local()
-        self.timeout = self.DEFAULT_TIMEOUT
+        self.timeout = THREAD_WAIT_DEFAULT  # the fixtures set alchemy_thread_wait
 
     def __enter__(self) -> None:
         told = getattr(self._told, "value", False)
@@ -836,8 +834,7 @@ _SESSIONS_TAGGED = False
 
 
 def _session_ledger(session: Session) -> Savepoints | None:
-    bind = session.bind
-    return _ledger(bind) if bind is not None and hasattr(bind, "dialect") else None  # type: ignore[arg-type]
+    return _ledger(session.bind) if session.bind is not None else None  # type: ignore[arg-type]
 
 
 def _flushing(session: Session, *args: Any) -> None:
@@ -936,10 +933,6 @@ def close_session_after(session: Session) -> None:
     rolled back: the outer rollback undoes it soon anyway, closing costs no round trip, and
     what the application committed inside it meanwhile is not undone for those fixtures.
     """
-    bind = session.bind
-    sandbox = sandbox_of(bind) if bind is not None else None  # type: ignore[arg-type]
-    if sandbox is None:
-        session.close()
-        return
-    with sandbox.savepoints.abandoning():
+    sandbox = sandbox_of(session.bind) if session.bind is not None else None  # type: ignore[arg-type]
+    with sandbox.savepoints.abandoning() if sandbox is not None else contextlib.nullcontext():
         session.close()
