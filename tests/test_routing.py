@@ -1075,11 +1075,20 @@ def names():
 def run(sql):
     with engine.connect() as conn:
         conn.execute(text(sql))
+
+
+def counts(times):
+    with engine.connect() as conn:
+        return [conn.execute(COUNT).scalar() for _ in range(times)]
+
+
+COUNT = text("SELECT count(*) FROM alchemy_item")
 """
 
 THREAD_TURNS_TESTS = """
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -1113,6 +1122,17 @@ def test_a_thread_that_must_wait_fails_quickly_saying_why(db_connection):
     finally:
         slow.join()
     assert app.names() == []
+
+
+def test_threads_reading_at_once_each_get_their_own_rows():
+    with app.SessionLocal() as session:
+        session.add_all([Item(name="a"), Item(name="b"), Item(name="c")])
+        session.commit()
+
+    # Each thread's rows are fetched after its statement ran, while another thread's runs.
+    with ThreadPoolExecutor(4) as pool:
+        counts = [n for batch in pool.map(app.counts, [500] * 4) for n in batch]
+    assert counts == [3] * 2000
 """
 
 SLEEP = {
@@ -1127,7 +1147,7 @@ def test_threads_take_turns_statement_by_statement(sync_backend: Project) -> Non
     backend = make_url(sync_backend.url or "sqlite://").get_backend_name()
     sync_backend.ini("alchemy_engines = app:engine\nalchemy_thread_wait = 0.5\n")
     sync_backend.tests(THREAD_TURNS_TESTS.replace("SLEEP", repr(SLEEP[backend])))
-    sync_backend.run().assert_outcomes(passed=2)
+    sync_backend.run().assert_outcomes(passed=3)
 
 
 TABLES_PER_TEST_CONFTEST = """

@@ -139,6 +139,14 @@ def engine_options(url: URL) -> tuple[URL, dict[str, Any]]:
         # an empty database. StaticPool shares the one connection.
         options["poolclass"] = StaticPool
         connect_args["check_same_thread"] = False
+    sqlite3 = url.get_backend_name() == "sqlite" and not is_async(url)
+    if sqlite3 and "cached_statements" not in url.query:
+        # Threads share the sandbox's connection one statement at a time, but sqlite3 fetches
+        # rows after its statement ran, outside that turn. Python 3.12+ shares one cached
+        # statement between two cursors that run the same SQL, and one thread's reset of it,
+        # as its fetch ends, wipes the other's rows (a COUNT(*) gave None). A statement of its
+        # own per execution costs about 5 us.
+        connect_args["cached_statements"] = 0
     if connect_args:
         options["connect_args"] = connect_args
     return url, options
