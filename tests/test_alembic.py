@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 from conftest import Driver, Project, project_for
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from sqlalchemy import create_engine, inspect
 
 DRIVERS = [
     Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
@@ -282,3 +280,153 @@ def test_the_fingerprint_covers_alembic_version_locations(tmp_path: Path, locati
     before = fingerprint([], None, str(ini))
     (tmp_path / "extra" / "0009_more.py").write_text("revision = '0009'\n")
     assert fingerprint([], None, str(ini)) != before
+
+
+# -- Flask-Migrate: env.py needs the app context and migrates through the app's own engine ----
+
+FLASK_APP = """
+from flask import Flask
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import select
+
+db = SQLAlchemy()
+migrate = Migrate()
+
+
+class Item(db.Model):
+    __tablename__ = "alchemy_item"
+    id = db.Column(db.Integer, primary_key=True)
+    name = db.Column(db.String(50), unique=True)
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = APP_URL
+    db.init_app(app)
+    migrate.init_app(app, db)
+
+    @app.post("/items/<name>")
+    def create(name):
+        db.session.add(Item(name=name))
+        db.session.commit()
+        return {"names": sorted(db.session.scalars(select(Item.name)))}
+
+    return app
+"""
+
+# The usual Flask fixture: the app for the run, its context pushed while the run lasts.
+FLASK_CONFTEST = """
+import pytest
+
+from app import create_app
+
+
+@pytest.fixture(scope="session", autouse=True)
+def app():
+    app = create_app()
+    with app.app_context():
+        yield app
+"""
+
+FLASK_TESTS = """
+import pytest
+from sqlalchemy import text
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_the_app_commits_into_the_migrated_schema(app, db_session, n):
+    response = app.test_client().post(f"/items/test{n}")
+    assert response.json == {"names": ["migrated", f"test{n}"]}
+    assert db_session.scalars(text("SELECT name FROM alchemy_item ORDER BY name")).all() == [
+        "migrated", f"test{n}"
+    ]
+"""
+
+MIGRATED_ROW = FIRST.replace(
+    '        sa.Column("name", sa.String(50), unique=True),\n    )\n',
+    '        sa.Column("name", sa.String(50), unique=True),\n    )\n'
+    "    op.execute(\"INSERT INTO alchemy_item (name) VALUES ('migrated')\")\n",
+)
+
+
+def _flask_migrate_project(project: Project, conftest: str = FLASK_CONFTEST) -> Path:
+    """A Flask app whose migrations folder is Flask-Migrate's own template, as ``flask db
+    init`` writes it (alembic.ini without script_location; env.py reads current_app)."""
+    import shutil
+
+    import flask_migrate
+
+    pytester = project.pytester
+    pytester.makepyfile(app=FLASK_APP.replace("APP_URL", repr(project.url)))
+    pytester.makeconftest(conftest)
+    template = Path(flask_migrate.__file__).parent / "templates" / "flask"
+    migrations = pytester.path / "migrations"
+    (migrations / "versions").mkdir(parents=True)
+    shutil.copy(template / "alembic.ini.mako", migrations / "alembic.ini")
+    shutil.copy(template / "env.py", migrations / "env.py")
+    shutil.copy(template / "script.py.mako", migrations / "script.py.mako")
+    (migrations / "versions" / "0001_items.py").write_text(MIGRATED_ROW)
+    # Run from another folder than the ini's, as a suite run from the repository root is.
+    project.ini(
+        "alchemy_alembic = migrations/alembic.ini\nalchemy_engines = app:db\n", metadata=False
+    )
+    # Flask-Migrate 4.1's env.py tries Flask-SQLAlchemy's deprecated get_engine() first.
+    ini = pytester.path / "pytest.ini"
+    ini.write_text(
+        ini.read_text().replace(
+            "filterwarnings = error",
+            "filterwarnings =\n    error\n    ignore:'get_engine' is deprecated:DeprecationWarning",
+        )
+    )
+    project.tests(FLASK_TESTS)
+    return migrations
+
+
+FLASK_DRIVERS = [d for d in DRIVERS if not d.is_async]
+
+
+@pytest.mark.parametrize("driver", FLASK_DRIVERS, ids=lambda d: d.id)
+def test_flask_migrate_builds_the_test_database_through_the_apps_engine(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    _flask_migrate_project(project)
+    # env.py's fileConfig() reconfigures logging: a process of its own.
+    result = project.run(subprocess=True)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["alchemy: built the migrations of *alembic.ini (upgrade head)*"])
+    assert project.leftover_tables() == []
+    # The app's own database, which its engine names, was never migrated.
+    base = create_engine(project.sync_url() or "")
+    try:
+        assert inspect(base).get_table_names() == []
+    finally:
+        base.dispose()
+
+
+def test_flask_migrate_works_under_xdist(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(FLASK_DRIVERS[0], scratch_databases, pytester)
+    _flask_migrate_project(project)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=3)
+    assert project.leftover_tables() == []
+
+
+def test_flask_migrate_without_an_app_context_says_how_to_provide_one(
+    pytester: pytest.Pytester,
+) -> None:
+    project = Project(pytester, f"sqlite:///{pytester.path}/app.sqlite3")
+    _flask_migrate_project(
+        project, conftest=FLASK_CONFTEST.replace("with app.app_context():", "if True:")
+    )
+    result = project.run(subprocess=True)
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ProvisioningError: alchemy_alembic = * `alembic upgrade head` raised RuntimeError: "
+            "Working outside of application context.*session-scoped*app_context()*"
+        ]
+    )

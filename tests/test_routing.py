@@ -480,6 +480,47 @@ def test_flask_sqlalchemy_db_session_joins_the_sandbox(sync_backend: Project) ->
     sync_backend.run().assert_outcomes(passed=2)
 
 
+# The app context pushed for the whole run (what Flask-Migrate's env.py needs while the schema
+# is built): db.session then lives across tests unless something removes it.
+FLASK_RUN_CONTEXT_TESTS = """
+import pytest
+from sqlalchemy import func, select
+
+from flaskapp import app, db
+from models import Item
+
+
+@pytest.fixture(scope="session", autouse=True)
+def app_context():
+    with app.app_context():
+        yield
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_each_test_gets_a_session_in_its_own_sandbox(name):
+    assert app.test_client().post(f"/items/{name}").json == {"count": 1}
+    db.session.add(Item(name=name + "2"))  # left pending: the test's end discards it
+    assert db.session.scalar(select(func.count(Item.id))) == 2
+
+
+def test_and_nothing_survives(db_session):
+    assert db_session.scalar(select(func.count(Item.id))) == 0
+    assert db.session.scalar(select(func.count(Item.id))) == 0
+"""
+
+
+def test_a_flask_app_context_pushed_for_the_run_gets_a_fresh_db_session_per_test(
+    sync_backend: Project,
+) -> None:
+    """Flask removes db.session when a request's app context ends; with one context for the
+    run, the plugin removes it when each test ends, with the sandbox it used."""
+    _app(sync_backend, FLASK_APP, "flaskapp")
+    sync_backend.ini("alchemy_engines = flaskapp:db\n")
+    sync_backend.tests(FLASK_RUN_CONTEXT_TESTS)
+    sync_backend.run().assert_outcomes(passed=4)
+    assert sync_backend.leftover_tables() == []
+
+
 SQLMODEL_APP = """
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 

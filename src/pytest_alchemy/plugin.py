@@ -547,6 +547,8 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
     except pytest.UsageError as exc:  # alchemy_engines names what cannot be imported
         pytest.fail(str(exc), pytrace=False)
     finally:
+        if router.configured():
+            routing.end_scoped_sessions(router.objects())
         refused = routes.stop()
     escapes, written = router.escapes.take()
     if refused and not escapes and _swallowed(request, refused[0]):

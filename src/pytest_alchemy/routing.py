@@ -110,6 +110,28 @@ def _collect(obj: object, found: list[tuple[Engine, bool]], depth: int) -> None:
     )
 
 
+def end_scoped_sessions(objects: Iterable[object]) -> None:
+    """Close the sessions that configured registries still hold at the end of a test.
+
+    A ``scoped_session`` (Flask-SQLAlchemy's ``db.session`` among them) keeps its session for
+    as long as its scope lasts; with an app context pushed for the whole run, that outlives
+    the test, still holding the sandbox the test ended. Flask removes the session when a
+    request's app context ends; the plugin does the same when a test does, in this thread.
+    Async registries are left to the app (their ``remove()`` is a coroutine).
+    """
+    from sqlalchemy.orm import scoped_session
+
+    for obj in objects:
+        registry = obj if isinstance(obj, scoped_session) else getattr(obj, "session", None)
+        if not isinstance(registry, scoped_session):
+            continue
+        try:
+            if registry.registry.has():
+                registry.remove()
+        except RuntimeError:  # its scope is not there now (no app context)
+            continue
+
+
 def _root(engine: Engine) -> Engine:
     """The engine owning the pool (``engine.execution_options()`` makes proxies)."""
     while hasattr(engine, "_proxied"):
@@ -667,6 +689,43 @@ def pop(router: Router) -> None:
         _ROUTERS.remove(router)
     router.escapes.uninstall()
     router.unguard()
+
+
+@contextlib.contextmanager
+def building(url: URL) -> Iterator[None]:
+    """While the plugin builds the test database ``url``, the engines of ``alchemy_engines``
+    connect to it, with real commits, as the plugin's own connections do.
+
+    For an env.py that migrates through the application's engine rather than the URL the
+    plugin sets (Flask-Migrate's reads ``current_app``'s ``db.engine``): the migrations land
+    in the test database, never in the one the engine names. Sync engines of the same backend
+    only; afterwards each has its own pool (or the guard) back.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    router = _ROUTERS[-1] if _ROUTERS else None
+    swapped: dict[int, tuple[Engine, Pool, Engine]] = {}
+    try:
+        for obj in router.objects() if router is not None and router.configured() else ():
+            for engine, _ in engines_of(obj):
+                root = _root(engine)
+                if id(root) in swapped or root.dialect.is_async:
+                    continue
+                if root.url.get_backend_name() != url.get_backend_name():
+                    continue
+                build = create_engine(url.set(drivername=root.url.drivername), poolclass=NullPool)
+                OWN_ENGINES.add(build)
+                if root.dialect.server_version_info is None:  # as its first connect would
+                    with build.connect() as connection:
+                        root.dialect.initialize(connection)
+                swapped[id(root)] = (root, root.pool, build)
+                root.pool = build.pool
+        yield
+    finally:
+        for root, pool, build in swapped.values():
+            root.pool = pool
+            build.dispose()
 
 
 def route_engines(*objects: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import contextvars
 import functools
 import hashlib
 import importlib
@@ -20,7 +21,7 @@ from sqlalchemy.engine import default
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from pytest_alchemy import dialects, inventory
+from pytest_alchemy import dialects, inventory, routing
 from pytest_alchemy.config import ALEMBIC_INI, METADATA_INI, SEED_INI, Settings, mask
 from pytest_alchemy.databases import MARKER_TABLE, Recipe, run_with_connection
 from pytest_alchemy.errors import ProvisioningError, SchemaConflictError
@@ -179,6 +180,9 @@ def _upgrade(ini: str, configured: URL | None, url: URL) -> None:
     config.set_main_option(
         "sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%")
     )
+    location = _script_location(Path(ini), config.get_main_option("script_location"))
+    if location is not None:
+        config.set_main_option("script_location", location.replace("%", "%%"))
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -187,13 +191,27 @@ def _upgrade(ini: str, configured: URL | None, url: URL) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=run, name="pytest-alchemy-alembic")
-    thread.start()
-    thread.join()
+    # The caller's context variables go along: an app context the suite pushed (Flask's
+    # current_app, which Flask-Migrate's env.py reads) is there in the thread too.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(run,), name="pytest-alchemy-alembic")
+    with routing.building(url):  # an env.py that migrates through the application's engine
+        thread.start()
+        thread.join()
     if errors:
         if not isinstance(errors[0], Exception):
             raise errors[0]  # KeyboardInterrupt, SystemExit
-        raise user_code_failed(f"{ALEMBIC_INI} = {ini!r}: `alembic upgrade head`", errors[0])
+        advice = ""
+        if "application context" in str(errors[0]):
+            advice = (
+                " env.py needs the Flask app's context (Flask-Migrate's does): push it for the "
+                "run in a session-scoped autouse fixture of your conftest.py, `app = "
+                "create_app()` then `with app.app_context(): yield app`, and list the app's "
+                "db in alchemy_engines so its engine migrates the test database."
+            )
+        raise user_code_failed(
+            f"{ALEMBIC_INI} = {ini!r}: `alembic upgrade head`", errors[0], advice
+        )
     _check_upgraded(ini, config, url)
 
 
@@ -202,7 +220,7 @@ _LIBRARIES = tuple(
 )
 
 
-def user_code_failed(what: str, exc: BaseException) -> ProvisioningError:
+def user_code_failed(what: str, exc: BaseException, advice: str = "") -> ProvisioningError:
     """The error of the user's seed or migrations, with the user's own frames in it (not the
     plugin's, SQLAlchemy's or Alembic's), and not mistaken for a connection failure."""
     frames = [
@@ -214,7 +232,7 @@ def user_code_failed(what: str, exc: BaseException) -> ProvisioningError:
     ]
     text = str(getattr(exc, "orig", None) or exc).strip()
     first = text.splitlines()[0] if text else ""
-    error = ProvisioningError(f"{what} raised {type(exc).__name__}: {first}")
+    error = ProvisioningError(f"{what} raised {type(exc).__name__}: {first}{advice}")
     error.details = "".join(traceback.format_list(frames[-8:])).rstrip()
     return error
 
@@ -236,7 +254,9 @@ def _check_upgraded(ini: str, config: object, url: URL) -> None:
             f"likely the one env.py reads from the application's settings, which they have now "
             f"upgraded. env.py must connect to the URL the plugin sets in the Alembic config: "
             f"engine_from_config(config.get_section(config.config_ini_section), "
-            f"prefix='sqlalchemy.'), or config.get_main_option('sqlalchemy.url')."
+            f"prefix='sqlalchemy.'), or config.get_main_option('sqlalchemy.url'); or migrate "
+            f"through the application's engine and list it in alchemy_engines (the plugin "
+            f"points it at the test database while migrating, as Flask-Migrate needs)."
         )
 
 
@@ -294,14 +314,29 @@ def _alembic_files(ini: str) -> list[Path]:
     ini_path = Path(ini)
     parser = configparser.ConfigParser(defaults={"here": str(ini_path.parent)})  # as Alembic
     parser.read(ini_path)
-    location = parser.get("alembic", "script_location", fallback="alembic")
-    locations = [location, *_version_locations(parser)]
+    location = _script_location(ini_path, parser.get("alembic", "script_location", fallback=""))
+    locations = [location or "alembic", *_version_locations(parser)]
     files: set[Path] = set()
     for place in locations:
         folder = Path(place) if Path(place).is_absolute() else ini_path.parent / place
         if folder.is_dir():
             files |= {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     return [ini_path, *sorted(files)]
+
+
+def _script_location(ini: Path, configured: str | None) -> str | None:
+    """Where the migration scripts are, as the plugin runs them.
+
+    Flask-Migrate's alembic.ini names no ``script_location`` (its ``flask db`` commands set
+    it): then the ini's own folder, when env.py is there. A relative path is taken from the
+    ini's folder when it is there; Alembic takes it from the current directory, which changes
+    with where pytest is started.
+    """
+    if not configured:
+        return str(ini.parent) if (ini.parent / "env.py").is_file() else None
+    if not Path(configured).is_absolute() and (ini.parent / configured).is_dir():
+        return str(ini.parent / configured)
+    return configured  # absolute, a package resource ('myapp:migrations'), or as Alembic finds
 
 
 def _version_locations(parser: configparser.ConfigParser) -> list[str]:
