@@ -969,6 +969,128 @@ def test_a_flask_app_factory_routed_with_route_engines(sync_backend: Project) ->
     sync_backend.run().assert_outcomes(passed=2)
 
 
+# The usual Flask pattern: a new app (and, with Flask-SQLAlchemy 3, new engines) per test, from
+# a factory that looks at the database while it builds the app.
+FLASK_FACTORY_PER_TEST = FLASK_FACTORY.replace(
+    "    db.init_app(app)\n    return app\n",
+    "    db.init_app(app)\n"
+    "    with app.app_context():\n"
+    "        app.config['HAS_ITEMS'] = inspect(db.engine).has_table('alchemy_item')\n"
+    "    return app\n",
+).replace("from sqlalchemy import func, select", "from sqlalchemy import func, inspect, select")
+
+FLASK_FACTORY_PER_TEST_TESTS = """
+import pytest
+from sqlalchemy import func, select
+
+from factory import create_app
+from models import Item
+
+
+@pytest.fixture
+def app():
+    return create_app()
+
+
+def test_the_factory_looked_at_the_test_database(app):
+    assert app.config["HAS_ITEMS"]
+
+
+def test_the_view_commits_into_the_sandbox(app, db_session):
+    client = app.test_client()
+    assert client.post("/items/a").json == {"count": 1}
+    assert client.post("/items/b").json == {"count": 2}
+    assert db_session.scalar(select(func.count(Item.id))) == 2
+
+
+def test_and_nothing_survives(app):
+    assert app.test_client().post("/items/c").json == {"count": 1}
+"""
+
+
+def test_an_app_made_per_test_joins_the_sandbox_as_its_engines_are_made(
+    sync_backend: Project,
+) -> None:
+    _app(sync_backend, FLASK_FACTORY_PER_TEST, "factory")
+    sync_backend.ini("alchemy_engines = factory:db\n")
+    sync_backend.tests(FLASK_FACTORY_PER_TEST_TESTS)
+    sync_backend.run().assert_outcomes(passed=3)
+    assert sync_backend.leftover_tables() == []
+
+
+REBOUND_TESTS = """
+import pytest
+from sqlalchemy import create_engine
+
+import app
+
+
+@pytest.fixture
+def rebound():
+    engine = create_engine(app.engine.url)  # a new engine, as a settings reload makes one
+    app.SessionLocal.configure(bind=engine)
+    yield
+    app.SessionLocal.configure(bind=app.engine)
+    engine.dispose()
+
+
+def test_a_rebound_sessionmaker_commits_into_the_sandbox(rebound):
+    app.add_with_session("a")
+    assert app.names() == ["a"]
+
+
+def test_and_nothing_survives(rebound):
+    assert app.names() == []
+"""
+
+
+def test_a_configured_sessionmaker_bound_anew_during_a_test_joins_the_sandbox(
+    sync_backend: Project,
+) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:SessionLocal\n")
+    sync_backend.tests(REBOUND_TESTS)
+    sync_backend.run().assert_outcomes(passed=2)
+    assert sync_backend.leftover_tables() == []
+
+
+UNSEEN_BIND_TESTS = """
+from sqlalchemy import create_engine
+
+import app
+
+
+def test_a_bind_set_behind_the_plugins_back_escapes(db_connection):
+    engine = create_engine(db_connection.engine.url)  # the test database
+    app.SessionLocal.kw["bind"] = engine  # not configure(): nothing tells the plugin
+    try:
+        app.add_with_session("escaped")
+    finally:
+        app.SessionLocal.kw["bind"] = app.engine
+        engine.dispose()
+
+
+def test_the_next_test_does_not_see_it():
+    assert app.names() == []
+"""
+
+
+def test_an_engine_bound_unseen_gets_advice_that_is_not_circular(sync_backend: Project) -> None:
+    _app(sync_backend, SYNC_APP)
+    sync_backend.ini("alchemy_engines = app:SessionLocal\n")
+    sync_backend.tests(UNSEEN_BIND_TESTS)
+    result = sync_backend.run("-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*UnsandboxedEngineError: * committed to the test database outside the test's "
+            "sandbox*It belongs to app:SessionLocal, which alchemy_engines lists, but it was "
+            "made or bound during the test*db_route(SessionLocal)*"
+        ]
+    )
+    assert sync_backend.leftover_tables() == []
+
+
 ROUTED_LOOP_CONFIGS = [
     ("pytest-asyncio-function-loops", "function", "pytestmark = pytest.mark.asyncio", ()),
     ("pytest-asyncio-auto", "session", "", ("-o", "asyncio_mode=auto")),

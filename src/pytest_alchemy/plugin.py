@@ -498,6 +498,7 @@ def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list
                 routes.add(engine, async_sandbox)
             else:
                 routes.refuse(engine, _async_in_sync_test(engine, request))
+    routes.follow(objects, lambda obj: _route(request, routes, [obj]))
 
 
 def _loop_free_in_sync_test(request: pytest.FixtureRequest, engine: Engine) -> bool:

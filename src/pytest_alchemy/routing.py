@@ -439,6 +439,24 @@ class Routes:
 
     def __init__(self) -> None:
         self._routes: dict[int, Route | _Refusal] = {}
+        self._following: dict[int, Callable[[], None]] = {}  # id(obj): undo
+
+    def follow(self, objects: Iterable[object], reroute: Callable[[object], None]) -> None:
+        """Route the engines these objects make or take during the test as they do.
+
+        An app made per test makes its engines after the test's routing began: a
+        Flask-SQLAlchemy ``db``'s ``init_app`` (one engine per app), a sessionmaker
+        ``configure(bind=...)``'d anew. ``reroute(obj)`` routes what ``obj`` holds then,
+        before the new engine is first used (a factory's ``has_table`` sees the sandbox).
+        """
+        for obj in objects:
+            if id(obj) in self._following:
+                continue
+            maker = getattr(obj, "session_factory", obj)  # a scoped_session's sessionmaker
+            if isinstance(getattr(maker, "kw", None), dict) and hasattr(maker, "class_"):
+                self._following[id(obj)] = _wrap(maker, "configure", obj, reroute, after=True)
+            elif hasattr(obj, "_app_engines") and hasattr(obj, "_make_engine"):
+                self._following[id(obj)] = _wrap(obj, "_make_engine", obj, reroute)
 
     def add(self, engine: Engine, sandbox: Sandbox) -> None:
         """Route ``engine`` into ``sandbox`` from now on."""
@@ -461,10 +479,42 @@ class Routes:
     def stop(self) -> list[str]:
         """Stop every route; the refusals that were met (the test fails with them: inside an
         app they may have become a bare HTTP 500)."""
+        following, self._following = self._following, {}
+        for undo in following.values():
+            undo()
         routes, self._routes = self._routes, {}
         for route in reversed(list(routes.values())):
             route.stop()
         return [r.message for r in routes.values() if isinstance(r, _Refusal) and r.refused]
+
+
+def _wrap(
+    holder: Any,
+    method: str,
+    obj: object,
+    reroute: Callable[[object], None],
+    *,
+    after: bool = False,
+) -> Callable[[], None]:
+    """Make ``holder.method`` reroute ``obj`` once it has run (a sessionmaker's ``configure``)
+    or on the engine it returns (Flask-SQLAlchemy's ``_make_engine``); the undo."""
+    original = getattr(holder, method)
+    had_own = method in vars(holder)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        made = original(*args, **kwargs)
+        reroute(obj if after else made)
+        return made
+
+    setattr(holder, method, wrapper)
+
+    def undo() -> None:
+        if had_own:
+            setattr(holder, method, original)
+        else:
+            vars(holder).pop(method, None)
+
+    return undo
 
 
 # -- escapes ----------------------------------------------------------------------------------
@@ -594,6 +644,15 @@ def fix(engine: Engine) -> str:
             "twins in async tests), which are inside it."
         )
     paths = list(_import_paths(_root(engine)))
+    configured = set(_ROUTERS[-1].paths) if _ROUTERS else set()
+    listed = [path for path in paths if path in configured]
+    if listed:  # the advice "add it to alchemy_engines" would go round in a circle
+        return (
+            f"It belongs to {listed[0]}, which {_ENGINES_INI} lists, but it was made or bound "
+            f"during the test in a way the plugin does not see. Route it as it is made: call "
+            f"db_route({listed[0].rpartition(':')[2]}) in the test or fixture right after "
+            f"making it (after create_app(), say), or pytest_alchemy.route_engines() there."
+        )
     if paths:
         return (
             f"Route it into the sandbox: add `{_ENGINES_INI} = {paths[0]}` to your pytest ini "
