@@ -471,3 +471,53 @@ def test_a_table_the_server_refuses_is_not_cannot_connect(
     result.stdout.fnmatch_lines(
         ["*ProvisioningError: alchemy_metadata: creating the tables raised *Error: *"]
     )
+
+
+COLLIDING_MODELS = """
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "alchemy_user"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    {column}: Mapped[str] = mapped_column(String(50))
+"""
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [d for d in SYNC_DRIVERS if d.id in ("sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")],
+    ids=lambda d: d.id,
+)
+def test_colliding_tables_of_two_metadatas_are_a_usage_error_before_anything_is_built(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(
+        legacy=COLLIDING_MODELS.format(column="login"),
+        modern=COLLIDING_MODELS.format(column="email"),
+    )
+    project.ini("alchemy_metadata =\n    legacy:Base\n    modern:Base\n", metadata=False)
+    project.tests(THREE_TESTS.format(count=2))
+    result = project.run()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*alchemy_metadata: 'legacy:Base' and 'modern:Base' both define the table "
+            "'alchemy_user', and they are built into one test database*"
+        ]
+    )
+    assert "Cannot connect" not in result.stdout.str()
+    assert project.leftover_tables() == []  # no test database was made
+
+
+def test_one_metadata_listed_by_two_paths_is_no_collision(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    project.ini("alchemy_metadata =\n    models:Base\n    models:Base.metadata\n", metadata=False)
+    project.tests(THREE_TESTS.format(count=2))
+    project.run().assert_outcomes(passed=2)

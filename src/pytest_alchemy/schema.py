@@ -57,6 +57,7 @@ def load_object(key: str, path: str, expected: str) -> object:
 def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
     """Import each ``module:attr`` and return its MetaData (a MetaData or anything with one)."""
     found: list[MetaData] = []
+    owners: dict[str, tuple[str, MetaData]] = {}  # table: (path, metadata) that defines it
     for path in paths:
         obj = load_object(
             METADATA_INI, path, "a MetaData or a declarative base, for example 'myapp.models:Base'"
@@ -67,8 +68,19 @@ def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
                 f"{METADATA_INI} = {path!r} is a {type(obj).__name__}, not a MetaData or a "
                 f"declarative base. Name a MetaData or a class with a .metadata attribute."
             )
-        if all(metadata is not m for m in found):
-            found.append(metadata)
+        if any(metadata is m for m in found):
+            continue  # the same MetaData by another path
+        for table in metadata.tables:
+            other = owners.get(table)
+            if other is not None:
+                raise pytest.UsageError(
+                    f"{METADATA_INI}: {other[0]!r} and {path!r} both define the table "
+                    f"{table!r}, and they are built into one test database. List one of them, "
+                    f"or give the tests of each schema a run of their own (-o "
+                    f"{METADATA_INI}=...)."
+                )
+            owners[table] = (path, metadata)
+        found.append(metadata)
     return found
 
 
