@@ -1018,6 +1018,51 @@ def test_an_app_made_per_test_joins_the_sandbox_as_its_engines_are_made(
     assert sync_backend.leftover_tables() == []
 
 
+# A factory that builds its tables as it makes the app, made once for the run.
+FLASK_FACTORY_CREATE_ALL = FLASK_FACTORY.replace(
+    "    db.init_app(app)\n    return app\n",
+    "    db.init_app(app)\n    with app.app_context():\n        db.create_all()\n    return app\n",
+)
+
+FLASK_SESSION_FACTORY_TESTS = """
+import pytest
+
+from factory import create_app
+
+
+@pytest.fixture(scope="session")
+def app():
+    return create_app()
+
+
+def test_uses_the_app(app):
+    pass
+"""
+
+
+def test_an_app_made_outside_tests_never_reaches_its_own_database(sync_backend: Project) -> None:
+    """Its engines are guarded as they are made: the factory's use of the database is refused,
+    saying why, instead of reaching the database its settings name."""
+    from sqlalchemy import create_engine, inspect
+
+    _app(sync_backend, FLASK_FACTORY_CREATE_ALL, "factory")
+    sync_backend.ini("alchemy_engines = factory:db\n")
+    sync_backend.tests(FLASK_SESSION_FACTORY_TESTS)
+    result = sync_backend.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*UnsandboxedEngineError: The application engine * (listed in alchemy_engines) "
+            "was used outside a test*"
+        ]
+    )
+    base = create_engine(sync_backend.url or "")
+    try:
+        assert "alchemy_item" not in inspect(base).get_table_names()
+    finally:
+        base.dispose()
+
+
 REBOUND_TESTS = """
 import pytest
 from sqlalchemy import create_engine

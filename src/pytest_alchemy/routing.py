@@ -693,6 +693,7 @@ class Router:
         self.added: list[object] = []
         self.escapes = EscapeWatch(block)
         self._guards: dict[int, _Refusal] = {}
+        self._following = Routes()  # only follows: guards what the objects make
 
     def configured(self) -> bool:
         return bool(self.paths or self.added)
@@ -708,18 +709,25 @@ class Router:
         Module-, class- and session-scoped fixtures run before a test's routing starts: there
         such an engine would reach its own URL, often the developer's database, and keep what
         it wrote. Guarded, it refuses to connect there, saying what to do; inside a test the
-        route takes over its pool, and hands the guard back after. Engines that appear later
-        (Flask-SQLAlchemy's ``init_app``) are guarded at the next call.
+        route takes over its pool, and hands the guard back after. Engines the objects make
+        later (Flask-SQLAlchemy's ``init_app``, a sessionmaker's ``configure(bind=...)``) are
+        guarded as they are made: an app factory run in a session-scoped fixture never
+        reaches the database its settings name.
         """
         if self._loaded is None:
             self.objects()
         for obj in self._loaded or ():
-            for engine, _ in engines_of(obj):
-                root = _root(engine)
-                if id(root) not in self._guards:
-                    self._guards[id(root)] = _Refusal(root, _outside(root))
+            self._guard(obj)
+        self._following.follow(self._loaded or (), self._guard)
+
+    def _guard(self, obj: object) -> None:
+        for engine, _ in engines_of(obj):
+            root = _root(engine)
+            if id(root) not in self._guards:
+                self._guards[id(root)] = _Refusal(root, _outside(root))
 
     def unguard(self) -> None:
+        self._following.stop()
         guards, self._guards = self._guards, {}
         for refusal in reversed(list(guards.values())):
             refusal.stop()
