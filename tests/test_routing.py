@@ -1136,6 +1136,67 @@ def test_an_engine_bound_unseen_gets_advice_that_is_not_circular(sync_backend: P
     assert sync_backend.leftover_tables() == []
 
 
+ASYNC_REBOUND_TESTS = """
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import app
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_rebound_async_sessionmaker_joins_the_open_sandbox():
+    engine = create_async_engine(app.engine.url)  # a new engine, as a settings reload makes
+    app.SessionLocal.configure(bind=engine)
+    try:
+        await app.add_with_session("a")
+        assert await app.names() == ["a"]
+    finally:
+        app.SessionLocal.configure(bind=app.engine)
+        await engine.dispose()
+
+
+async def test_and_nothing_survives():
+    assert await app.names() == []
+"""
+
+# Bound only inside the test: no async sandbox was opened for it before the test started.
+LATER_APP = """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+Later = async_sessionmaker()
+"""
+
+LATER_TESTS = """
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import app
+import later
+from pytest_alchemy import UnsandboxedEngineError
+
+
+@pytest.mark.asyncio
+async def test_binding_it_says_what_to_request():
+    with pytest.raises(UnsandboxedEngineError, match="Request async_db_connection"):
+        later.Later.configure(bind=app.engine)
+"""
+
+
+def test_an_async_sessionmaker_bound_anew_during_a_test_joins_or_says_why(
+    async_backend: Project,
+) -> None:
+    _app(async_backend, ASYNC_APP)
+    _app(async_backend, LATER_APP, "later")
+    async_backend.ini("alchemy_engines = app:SessionLocal\n")
+    async_backend.tests(ASYNC_REBOUND_TESTS)
+    async_backend.run().assert_outcomes(passed=2)
+    async_backend.ini("alchemy_engines = later:Later\n")
+    async_backend.tests(LATER_TESTS)
+    async_backend.run().assert_outcomes(passed=1)
+    assert async_backend.leftover_tables() == []
+
+
 ROUTED_LOOP_CONFIGS = [
     ("pytest-asyncio-function-loops", "function", "pytestmark = pytest.mark.asyncio", ()),
     ("pytest-asyncio-auto", "session", "", ("-o", "asyncio_mode=auto")),

@@ -473,8 +473,20 @@ def _is_async_test(request: pytest.FixtureRequest) -> bool:
     return inspect.iscoroutinefunction(getattr(request.node, "obj", None))
 
 
-def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list[object]) -> None:
+def _route(
+    request: pytest.FixtureRequest,
+    routes: routing.Routes,
+    objects: list[object],
+    async_test: bool | None = None,
+) -> None:
+    """Route the engines of ``objects`` into the test's sandboxes, opening them as needed.
+
+    ``async_test`` is told once the test runs: pytest-asyncio has wrapped it in a sync
+    function by then.
+    """
     __tracebackhide__ = True
+    if async_test is None:
+        async_test = _is_async_test(request)
     sync_sandbox: Sandbox | None = None
     async_sandbox: Sandbox | None = None
     paused = request.config.stash[_ROUTER].escapes.paused  # db_route() may provision
@@ -488,17 +500,41 @@ def _route(request: pytest.FixtureRequest, routes: routing.Routes, objects: list
                         connection = request.getfixturevalue("db_connection")
                     sync_sandbox = _sandbox(sandbox_of(connection))
                 routes.add(engine, sync_sandbox)
-            elif _is_async_test(request) or _loop_free_in_sync_test(request, engine):
+            elif async_test or _loop_free_in_sync_test(request, engine):
                 if async_sandbox is None:
                     from pytest_alchemy import aio
 
                     with paused():
-                        connection = request.getfixturevalue("async_db_connection")
+                        connection = _async_connection_for(request, engine)
                     async_sandbox = _sandbox(aio.sandbox_of(connection), "async_")
                 routes.add(engine, async_sandbox)
             else:
                 routes.refuse(engine, _async_in_sync_test(engine, request))
-    routes.follow(objects, lambda obj: _route(request, routes, [obj]))
+    routes.follow(objects, lambda obj: _route(request, routes, [obj], async_test))
+
+
+def _async_connection_for(request: pytest.FixtureRequest, engine: Engine) -> AsyncConnection:
+    """The test's async_db_connection, for ``engine`` to join; a clear error when it cannot be
+    opened now: from inside the running test (an async engine made or bound during it), since
+    async fixtures are set up before an async test starts, not from its loop."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return request.getfixturevalue("async_db_connection")  # type: ignore[no-any-return]
+    try:
+        return request.getfixturevalue("async_db_connection")  # type: ignore[no-any-return]
+    except RuntimeError as exc:
+        if "running event loop" not in str(exc):
+            raise
+    raise UnsandboxedEngineError(
+        f"The AsyncEngine {_config.mask(engine.url)} was made or bound during the async test "
+        f"{request.node.name}, and the test's async sandbox was not open: async fixtures are "
+        f"set up before an async test starts, not from inside it. Request async_db_connection "
+        f"(or async_db_session) in the test, so engines made during it have a sandbox to join, "
+        f"or make the engine in a fixture."
+    )
 
 
 def _loop_free_in_sync_test(request: pytest.FixtureRequest, engine: Engine) -> bool:
