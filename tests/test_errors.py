@@ -272,20 +272,21 @@ class SilentServer(RefusingServer):
 
 
 @pytest.mark.parametrize(
-    ("driver", "source"),
+    ("driver", "source", "query", "waited"),
     [
-        ("mysql+pymysql", THREE_TESTS),
-        ("mysql+asyncmy", THREE_ASYNC_TESTS),
-        ("mysql+aiomysql", THREE_ASYNC_TESTS),
+        ("mysql+pymysql", THREE_TESTS, "", 5),  # the default bound
+        ("mysql+asyncmy", THREE_ASYNC_TESTS, "?connect_timeout=1", 1),  # the URL's own
+        ("mysql+aiomysql", THREE_ASYNC_TESTS, "?connect_timeout=1", 1),
     ],
     ids=["pymysql", "asyncmy", "aiomysql"],
 )
 def test_a_mysql_server_that_never_answers_fails_fast(
-    pytester: pytest.Pytester, driver: str, source: str
+    pytester: pytest.Pytester, driver: str, source: str, query: str, waited: int
 ) -> None:
     server = SilentServer()
     try:
-        project = Project(pytester, f"{driver}://root:s3cret@127.0.0.1:{server.port}/app")
+        url = f"{driver}://root:s3cret@127.0.0.1:{server.port}/app{query}"
+        project = Project(pytester, url)
         project.ini(metadata=False)
         project.tests(source.format(count=3))
         result = project.run(subprocess=True)  # would hang for good without the check
@@ -293,8 +294,8 @@ def test_a_mysql_server_that_never_answers_fails_fast(
         result.stdout.fnmatch_lines(
             [
                 "*DatabaseUnavailableError: Cannot connect to the test database "
-                f"{driver}://root:***@127.0.0.1:{server.port}/test_app *accepted the "
-                "connection but sent no greeting within 5 s*"
+                f"{driver}://root:***@127.0.0.1:{server.port}/test_app* *accepted the "
+                f"connection but sent no greeting within {waited} s*"
             ]
         )
         assert server.accepted == 1  # later tests reuse the first failure

@@ -8,6 +8,7 @@ and which package to install for a driver.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -157,11 +158,17 @@ def check_greeting(url: URL, timeout: float = CONNECT_TIMEOUT) -> None:
 
     The server speaks first on a new connection. The drivers bound only the TCP connect with
     ``connect_timeout``; waiting for the greeting, PyMySQL, asyncmy and aiomysql hang for good.
-    Raises TimeoutError or ConnectionError; does nothing for other backends and sockets.
+    The wait is the URL's own connect timeout where it sets one. Raises TimeoutError or
+    ConnectionError; does nothing for other backends and sockets.
     """
     if _split(url)[0] != "mysql" or "unix_socket" in url.query:
         return
     import socket
+
+    known = _driver(url)
+    if known and known.timeout_arg and known.timeout_arg in url.query:  # the URL's own bound
+        with contextlib.suppress(TypeError, ValueError):
+            timeout = float(url.query[known.timeout_arg])  # type: ignore[arg-type]
 
     host, port = url.host or "localhost", url.port or 3306
     with socket.create_connection((host, port), timeout=timeout) as sock:
