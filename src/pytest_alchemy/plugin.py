@@ -517,15 +517,10 @@ def _async_connection_for(request: pytest.FixtureRequest, engine: Engine) -> Asy
     """The test's async_db_connection, for ``engine`` to join; a clear error when it cannot be
     opened now: from inside the running test (an async engine made or bound during it), since
     async fixtures are set up before an async test starts, not from its loop."""
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return request.getfixturevalue("async_db_connection")  # type: ignore[no-any-return]
     try:
         return request.getfixturevalue("async_db_connection")  # type: ignore[no-any-return]
     except RuntimeError as exc:
+        # pytest-asyncio: "Runner.run() cannot be called from a running event loop".
         if "running event loop" not in str(exc):
             raise
     raise UnsandboxedEngineError(

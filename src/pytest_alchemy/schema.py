@@ -57,7 +57,7 @@ def load_object(key: str, path: str, expected: str) -> object:
 def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
     """Import each ``module:attr`` and return its MetaData (a MetaData or anything with one)."""
     found: list[MetaData] = []
-    owners: dict[str, tuple[str, MetaData]] = {}  # table: (path, metadata) that defines it
+    owners: dict[str, str] = {}  # table: the path whose metadata defines it
     for path in paths:
         obj = load_object(
             METADATA_INI, path, "a MetaData or a declarative base, for example 'myapp.models:Base'"
@@ -74,12 +74,12 @@ def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
             other = owners.get(table)
             if other is not None:
                 raise pytest.UsageError(
-                    f"{METADATA_INI}: {other[0]!r} and {path!r} both define the table "
+                    f"{METADATA_INI}: {other!r} and {path!r} both define the table "
                     f"{table!r}, and they are built into one test database. List one of them, "
                     f"or give the tests of each schema a run of their own (-o "
                     f"{METADATA_INI}=...)."
                 )
-            owners[table] = (path, metadata)
+            owners[table] = path
         found.append(metadata)
     return found
 
