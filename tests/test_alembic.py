@@ -253,11 +253,19 @@ def test_an_env_py_that_ignores_the_url_stops_the_run_with_the_fix(
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
-            "*ProvisioningError: alchemy_alembic = * `alembic upgrade head` ran, but the test "
-            "database * is still empty*env.py must connect to the URL the plugin sets*"
+            "*ProvisioningError: alchemy_alembic = * `alembic upgrade head` raised "
+            "UnsandboxedEngineError: While the plugin migrated the test database *, "
+            f"sqlite:///{dev} connected to another database*env.py must migrate the URL the "
+            "plugin sets*"
         ]
     )
     assert "built the migrations" not in result.stdout.str()
+    # The database the settings name was refused before the migrations could change it.
+    dev_engine = create_engine(f"sqlite:///{dev}")
+    try:
+        assert inspect(dev_engine).get_table_names() == []
+    finally:
+        dev_engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -412,6 +420,30 @@ def test_flask_migrate_works_under_xdist(
     _flask_migrate_project(project)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=3)
+    assert project.leftover_tables() == []
+
+
+@pytest.mark.parametrize("driver", FLASK_DRIVERS, ids=lambda d: d.id)
+def test_flask_migrate_without_alchemy_engines_never_migrates_the_apps_database(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    _flask_migrate_project(project)
+    ini = pytester.path / "pytest.ini"
+    ini.write_text(ini.read_text().replace("alchemy_engines = app:db", ""))
+    result = project.run(subprocess=True)
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*UnsandboxedEngineError: While the plugin migrated the test database *add "
+            "`alchemy_engines = myapp:db`*"
+        ]
+    )
+    base = create_engine(project.sync_url() or "")
+    try:
+        assert inspect(base).get_table_names() == []  # the app's own database: untouched
+    finally:
+        base.dispose()
     assert project.leftover_tables() == []
 
 

@@ -767,12 +767,36 @@ def building(url: URL) -> Iterator[None]:
     plugin sets (Flask-Migrate's reads ``current_app``'s ``db.engine``): the migrations land
     in the test database, never in the one the engine names. Sync engines of the same backend
     only; afterwards each has its own pool (or the guard) back.
+
+    Meanwhile any other engine is refused a connection to any other database: an env.py that
+    builds an engine from the application's settings would migrate that database (often the
+    developer's), which the plugin must never write.
     """
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     router = _ROUTERS[-1] if _ROUTERS else None
     swapped: dict[int, tuple[Engine, Pool, Engine]] = {}
+    target = database_key(url)
+
+    def elsewhere(connection: Connection) -> None:
+        engine = connection.engine
+        root = _root(engine)
+        if id(root) in swapped or root in OWN_ENGINES or database_key(engine.url) == target:
+            return
+        connection.invalidate()
+        connection.close()
+        raise UnsandboxedEngineError(
+            f"While the plugin migrated the test database {mask(url)}, {mask(engine.url)} "
+            f"connected to another database, which the migrations would have changed, so it "
+            f"was refused. env.py must migrate the URL the plugin sets in the Alembic config "
+            f"(engine_from_config(config.get_section(config.config_ini_section), "
+            f"prefix='sqlalchemy.')), or the application's engine listed in {_ENGINES_INI} "
+            f"(the plugin points it at the test database while migrating, as Flask-Migrate's "
+            f"env.py needs: add `{_ENGINES_INI} = myapp:db`)."
+        )
+
+    event.listen(Engine, "engine_connect", elsewhere)
     try:
         for obj in router.objects() if router is not None and router.configured() else ():
             for engine, _ in engines_of(obj):
@@ -790,6 +814,7 @@ def building(url: URL) -> Iterator[None]:
                 root.pool = build.pool
         yield
     finally:
+        event.remove(Engine, "engine_connect", elsewhere)
         for root, pool, build in swapped.values():
             root.pool = pool
             build.dispose()
