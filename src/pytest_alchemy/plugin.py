@@ -580,7 +580,8 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
         pytest.fail(str(exc), pytrace=False)
     finally:
         if router.configured():
-            routing.end_scoped_sessions(router.objects())
+            with contextlib.suppress(pytest.UsageError):  # reported above already
+                routing.end_scoped_sessions(router.objects())
         refused = routes.stop()
     escapes, written = router.escapes.take()
     if refused and not escapes and _swallowed(request, refused[0]):
