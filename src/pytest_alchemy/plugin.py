@@ -513,16 +513,30 @@ def _route(
     routes.follow(objects, lambda obj: _route(request, routes, [obj], async_test))
 
 
+#: The test's async_db_connection is set up (an async engine made during the test may join).
+_ASYNC_OPEN = pytest.StashKey[bool]()
+
+
 def _async_connection_for(request: pytest.FixtureRequest, engine: Engine) -> AsyncConnection:
     """The test's async_db_connection, for ``engine`` to join; a clear error when it cannot be
     opened now: from inside the running test (an async engine made or bound during it), since
-    async fixtures are set up before an async test starts, not from its loop."""
+    async fixtures are set up before an async test starts, not from its loop (pytest-asyncio
+    would leave a coroutine never awaited)."""
+    import asyncio
+
     try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        running = False
+    else:
+        running = True
+    node = request.node
+    if (
+        not running
+        or node.stash.get(_ASYNC_OPEN, False)
+        or "async_db_connection" in getattr(node, "funcargs", {})
+    ):
         return request.getfixturevalue("async_db_connection")  # type: ignore[no-any-return]
-    except RuntimeError as exc:
-        # pytest-asyncio: "Runner.run() cannot be called from a running event loop".
-        if "running event loop" not in str(exc):
-            raise
     raise UnsandboxedEngineError(
         f"The AsyncEngine {_config.mask(engine.url)} was made or bound during the async test "
         f"{request.node.name}, and the test's async sandbox was not open: async fixtures are "
@@ -668,6 +682,7 @@ async def async_db_connection(
         connection = await async_db_engine.connect()
     sandbox = await aio.open_sandbox(connection)
     sandbox.core.lock.timeout = _alchemy_target.settings.thread_wait
+    request.node.stash[_ASYNC_OPEN] = True
     try:
         if request.config.stash.get(_COUNTERS_NEEDED, False):
             arm = functools.partial(_counters_for, request, _alchemy_target, sandbox.core)
