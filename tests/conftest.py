@@ -219,6 +219,14 @@ class Project:
         )
         return url.set(drivername=f"{url.get_backend_name()}+{sync}") if sync else url
 
+    def base_tables(self) -> list[str]:
+        """Every table in the database the project's URL names (the application's own)."""
+        engine = create_engine(self.sync_url() or "")
+        try:
+            return sorted(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
     def leftover_tables(self) -> list[str]:
         """What the run left behind: the models' tables, or the test database itself."""
         url = self.sync_url()
