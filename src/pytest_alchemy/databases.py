@@ -92,11 +92,12 @@ class Naming:
     worker: str | None = None  # pytest-xdist worker id (gw0, gw1, ...)
     template: bool = False  # the run's template, which the workers' databases are cloned from
     run: str | None = None  # "r" + the run id's start: names of our own, the usual ones busy
+    schema: str | None = None  # a schema of some tests' own (schema.Schema.key)
 
     def derive(self, base: str) -> str:
         name = self.name or f"test_{base}"
         last = "template" if self.template else self.worker
-        for part in (self.suffix, self.run, last):
+        for part in (self.suffix, self.schema, self.run, last):
             if part:
                 name = f"{name}_{part}"
         return name
@@ -575,7 +576,8 @@ def sweep(base: URL, naming: Naming, owner: Owner, *, ours: bool = False) -> lis
     """Clear what earlier runs that are gone left behind under names we derive.
 
     ``base`` is the configured URL. Only names this plugin derives from it are looked at
-    (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``, ``test_myapp_r1a2b3c4d``),
+    (``test_myapp``, ``test_myapp_gw3``, ``test_myapp_template``, ``test_myapp_r1a2b3c4d``,
+    ``test_myapp_s1a2b3c4d_gw3`` for a schema of some tests' own),
     and only those with a legible marker whose holder is gone (see
     :func:`pytest_alchemy.ownership.holder_alive`) are touched: dropped if a run created them,
     emptied of what it created if they were adopted. With ``ours``, instead, those held by
@@ -586,7 +588,7 @@ def sweep(base: URL, naming: Naming, owner: Owner, *, ours: bool = False) -> lis
         return []
     family = Naming(naming.name, naming.suffix)
     server = _server(base)
-    tail = r"(_r[0-9a-f]{8})?(_gw\d+|_template)?"
+    tail = r"(_s[0-9a-f]{8})?(_r[0-9a-f]{8})?(_gw\d+|_template)?"
     if server is None:
         path = Path(base.database or "")
         ext = "".join(path.suffixes)

@@ -18,7 +18,7 @@ import pytest
 from pytest_alchemy import config as _config
 from pytest_alchemy import markers, routing, sessions
 from pytest_alchemy.errors import AlchemyError, SandboxBrokenError, UnsandboxedEngineError
-from pytest_alchemy.provision import Target
+from pytest_alchemy.provision import Target, Targets
 from pytest_alchemy.sandbox import (
     JOIN_MODE,
     Sandbox,
@@ -30,7 +30,7 @@ from pytest_alchemy.sandbox import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import URL, Connection, Engine
     from sqlalchemy.ext.asyncio import (
         AsyncConnection,
         AsyncEngine,
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 _SETTINGS = pytest.StashKey[_config.Settings]()
 _ROUTER = pytest.StashKey[routing.Router]()
-_TARGET = pytest.StashKey[Target]()
+_TARGET = pytest.StashKey[Targets]()
+#: The target whose database a test's sandbox is on.
+_TEST_TARGET = pytest.StashKey[Target]()
 _COUNTERS_NEEDED = pytest.StashKey[bool]()
 
 
@@ -187,6 +189,28 @@ def _defaults(config: pytest.Config) -> markers.Options:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Counters are read when a database is first used, if any test of the run resets them.
     config.stash[_COUNTERS_NEEDED] = markers.check(items, _defaults(config))
+    _check_schema_scopes(items)
+
+
+def _check_schema_scopes(items: list[pytest.Item]) -> None:
+    """An alchemy_metadata fixture of the user's that db_engine cannot use: a usage error
+    naming it and the fix, rather than pytest's ScopeMismatch from inside the plugin."""
+    seen: set[int] = set()
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or "db_engine" not in getattr(item, "fixturenames", ()):
+            continue
+        defs = info.name2fixturedefs.get("alchemy_metadata")
+        if not defs or id(defs[-1]) in seen:
+            continue
+        seen.add(id(defs[-1]))
+        if defs[-1].scope != "session":
+            where = defs[-1].baseid or "a plugin"
+            raise pytest.UsageError(
+                f"The alchemy_metadata fixture of {where} is {defs[-1].scope}-scoped; it "
+                f"chooses the schema of db_engine, which is session-scoped, so it must be too: "
+                f'@pytest.fixture(scope="session") (in a class, with @classmethod below it).'
+            )
 
 
 def _counters_for(request: pytest.FixtureRequest, target: Target, sandbox: Sandbox) -> None:
@@ -205,16 +229,44 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         routing.pop(router)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # anyio's runner is held across tests for one loop per run (aio.AnyioLease); a test on
     # another anyio backend gets it released first, so anyio starts that backend's runner.
-    target = item.config.stash.get(_TARGET, None)
+    targets = item.config.stash.get(_TARGET, None)
     callspec = getattr(item, "callspec", None)
     backend = callspec.params.get("anyio_backend") if callspec is not None else None
-    if target is not None and backend is not None:
+    if targets is not None and backend is not None:
         name = backend[0] if isinstance(backend, tuple) else backend
         if name != "asyncio":
-            target.loops.anyio.release()
+            for target in targets.all():
+                target.loops.anyio.release()
+    _switch_schema(item)
+
+
+#: Which alchemy_metadata fixture db_engine was made for.
+_ENGINE_SCHEMA = pytest.StashKey[object]()
+
+
+def _switch_schema(item: pytest.Item) -> None:
+    """Before a test whose alchemy_metadata is another fixture than the one db_engine was
+    made for (it is overridden in a directory, module or class), db_engine is torn down, with
+    the session fixtures that depend on it, and made again for this test's schema: as pytest
+    does when a parametrized session fixture changes its value."""
+    info = getattr(item, "_fixtureinfo", None)
+    request = getattr(item, "_request", None)
+    if info is None or request is None:
+        return
+    engines = info.name2fixturedefs.get("db_engine")
+    schemas = info.name2fixturedefs.get("alchemy_metadata")
+    if not engines or not schemas or getattr(engines[-1].func, "__module__", None) != __name__:
+        return  # no db_engine in this test, or the user's own
+    fixturedef = engines[-1]
+    wanted = schemas[-1]
+    made_for = item.config.stash.get(_ENGINE_SCHEMA, None)
+    if fixturedef.cached_result is not None and made_for is not wanted:
+        fixturedef.finish(request)
+    item.config.stash[_ENGINE_SCHEMA] = wanted
 
 
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -238,10 +290,10 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     # Escapes are looked for while the test body runs: fixtures' set-up (provisioning, an
     # Alembic upgrade) commits to the test database by design.
     router = item.config.stash.get(_ROUTER, None)
-    target = item.config.stash.get(_TARGET, None)
+    targets = item.config.stash.get(_TARGET, None)
     watch = router.escapes if router is not None else None
-    if watch is not None and target is not None and target.known_urls:
-        watch.watch(target.known_urls, target.known_base)
+    if watch is not None and targets is not None and targets.known_urls:
+        watch.watch(targets.known_urls, targets.known_base)
         watch.active = True
     try:
         return (yield)
@@ -334,23 +386,24 @@ def _fail(exc: AlchemyError) -> NoReturn:
 @pytest.fixture(scope="session")
 def _alchemy_target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Target]:
+) -> Iterator[Targets]:
     config = request.config
-    target = config.stash[_TARGET] = Target(
-        config.stash[_SETTINGS],
-        lambda: tmp_path_factory.mktemp("alchemy"),
-        functools.partial(_report, config),
+    targets = config.stash[_TARGET] = Targets(
+        Target(
+            config.stash[_SETTINGS],
+            lambda: tmp_path_factory.mktemp("alchemy"),
+            functools.partial(_report, config),
+        )
     )
-    yield target
+    yield targets
     del config.stash[_TARGET]
-    problems = target.close()
-    templates = [
-        (t.render_as_string(hide_password=False), kept) for t, kept in target.templates.items()
-    ]
+    problems = targets.close()
+    found = targets.templates
+    templates = [(t.render_as_string(hide_password=False), kept) for t, kept in found.items()]
     if hasattr(config, "workerinput"):  # the controller drops templates after every worker
         config.workeroutput[_TEMPLATES_KEY] = templates  # type: ignore[attr-defined]
     else:
-        problems += _release_templates(target)
+        problems += _release_templates(targets.default.settings.run_id, found)
     if problems:
         pytest.fail("pytest-alchemy: " + "; ".join(problems), pytrace=False)
 
@@ -367,26 +420,49 @@ def _report(config: pytest.Config, line: str) -> None:
         reporter.write_line(f"alchemy: {line}")
 
 
-def _release_templates(target: Target) -> list[str]:
+def _release_templates(run_id: str, templates: dict[URL, bool]) -> list[str]:
     from pytest_alchemy import databases
 
     problems = []
-    for template, kept in target.templates.items():
+    for template, kept in templates.items():
         try:
-            databases.release_template(template, target.settings.run_id, kept=kept)
+            databases.release_template(template, run_id, kept=kept)
         except Exception as exc:
             problems.append(f"dropping the template {_config.mask(template)} failed: {exc}")
     return problems
 
 
 @pytest.fixture(scope="session")
-def db_engine(_alchemy_target: Target) -> Engine:
+def alchemy_metadata() -> object:
+    """The schema of the tests that see this fixture; None: the ini's ``alchemy_metadata``.
+
+    Override it in the ``conftest.py`` of a directory (or in a module or class) to give its
+    tests a schema, and a test database, of their own: return a declarative base, a
+    ``MetaData``, an import path ``'module:attr'``, or a list of them. Keep it
+    session-scoped, as ``db_engine``, which it chooses, is.
+    """
+    return None
+
+
+def _target_for(request: pytest.FixtureRequest, targets: Targets, value: object) -> Target:
+    """The target of the test's ``alchemy_metadata`` (``value``)."""
+    try:
+        return targets.for_value(value, "the alchemy_metadata fixture")
+    except pytest.UsageError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def db_engine(
+    request: pytest.FixtureRequest, _alchemy_target: Targets, alchemy_metadata: object
+) -> Engine:
     """Engine to the test database, schema from ``alchemy_metadata`` built (session scope).
 
     Override it in a conftest to run the sandbox on an engine of your own.
     """
+    target = _target_for(request, _alchemy_target, alchemy_metadata)
     try:
-        return _alchemy_target.sync_engine()
+        return target.sync_engine()
     except AlchemyError as exc:
         failure = exc
     _fail(failure)  # outside the except: one message, not the error and then its context
@@ -394,26 +470,27 @@ def db_engine(_alchemy_target: Target) -> Engine:
 
 @pytest.fixture
 def db_connection(
-    request: pytest.FixtureRequest, db_engine: Engine, _alchemy_target: Target
+    request: pytest.FixtureRequest, db_engine: Engine, _alchemy_target: Targets
 ) -> Iterator[Connection]:
     """The test's connection, inside an outer transaction rolled back after the test.
 
     Never commit it: ``db_connection.commit()`` and raw ``COMMIT`` are refused. For Core work
     that may fail on PostgreSQL, use ``with db_connection.begin_nested():``.
     """
-    keeper = _alchemy_target.keeper_for(db_engine)
+    target = request.node.stash[_TEST_TARGET] = _alchemy_target.of_engine(db_engine)
+    keeper = target.keeper_for(db_engine)
     connection = keeper.acquire() if keeper is not None else db_engine.connect()
     sandbox = Sandbox(connection)
     try:
         sandbox.start()
-        sandbox.lock.timeout = _alchemy_target.settings.thread_wait
-        _counters_for(request, _alchemy_target, sandbox)
+        sandbox.lock.timeout = target.settings.thread_wait
+        _counters_for(request, target, sandbox)
         yield connection
         sandbox.end()
         if sandbox.problem:
             restored = ""
             if sandbox.escaped:
-                restored = _restore(_alchemy_target, db_engine if keeper else None)
+                restored = _restore(target, db_engine if keeper else None)
             _fail(SandboxBrokenError(sandbox.problem + restored))
         if _swallowed(request, sandbox.raised):
             _fail(SandboxBrokenError(str(sandbox.raised)))
@@ -452,10 +529,21 @@ def db_sessionmaker(
     from sqlalchemy.orm import sessionmaker
 
     def make() -> sessionmaker[Session]:
-        arguments = sessions.maker_arguments(request.config.stash[_SETTINGS], is_async=False)
+        arguments = _maker_arguments(request, db_connection.engine, is_async=False)
         return sessionmaker(bind=db_connection, join_transaction_mode=JOIN_MODE, **arguments)
 
     return cached_maker(db_connection, make)
+
+
+def _maker_arguments(
+    request: pytest.FixtureRequest, engine: Engine, *, is_async: bool
+) -> dict[str, Any]:
+    """The arguments of the fixtures' sessionmaker, for the schema ``engine`` is built with."""
+    targets = request.config.stash.get(_TARGET, None)
+    if targets is None:
+        return sessions.maker_arguments(request.config.stash[_SETTINGS], is_async=is_async)
+    target = request.node.stash.get(_TEST_TARGET, None) or targets.of_engine(engine)
+    return sessions.maker_arguments(target.settings, is_async=is_async, schema=target.schema)
 
 
 @pytest.fixture
@@ -601,13 +689,13 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
     if refused and not escapes and _swallowed(request, refused[0]):
         _fail(UnsandboxedEngineError(" ".join(dict.fromkeys(refused))))
     if escapes:
-        target = request.config.stash.get(_TARGET, None)
+        targets = request.config.stash.get(_TARGET, None)
         restored = ""
-        if target is not None and written:
+        for target in targets.written(written) if targets is not None else ():
             try:
-                restored = target.restore()
+                restored += target.restore()
             except Exception as exc:
-                restored = _restore_failed(exc)
+                restored += _restore_failed(exc)
         _fail(UnsandboxedEngineError(" ".join(escapes) + restored))
 
 
@@ -652,15 +740,18 @@ def _require_asyncio(request: pytest.FixtureRequest) -> None:
         )
 
 
-async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Target) -> AsyncEngine:
+async def async_db_engine(
+    request: pytest.FixtureRequest, _alchemy_target: Targets, alchemy_metadata: object
+) -> AsyncEngine:
     """AsyncEngine to the test database for the running event loop, schema built.
 
     Tests that share an event loop share the engine; a loop of its own gets an engine of its
     own, disposed on that loop when it shuts down.
     """
     _require_asyncio(request)
+    target = _target_for(request, _alchemy_target, alchemy_metadata)
     try:
-        state = await _alchemy_target.loop_state()
+        state = await target.loop_state()
     except AlchemyError as exc:
         failure = exc
     else:
@@ -669,33 +760,35 @@ async def async_db_engine(request: pytest.FixtureRequest, _alchemy_target: Targe
 
 
 async def async_db_connection(
-    request: pytest.FixtureRequest, async_db_engine: AsyncEngine, _alchemy_target: Target
+    request: pytest.FixtureRequest, async_db_engine: AsyncEngine, _alchemy_target: Targets
 ) -> AsyncIterator[AsyncConnection]:
     """The test's AsyncConnection, inside an outer transaction rolled back after the test."""
     from pytest_alchemy import aio
 
-    state = _alchemy_target.loops.peek()
+    target = _alchemy_target.of_async_engine(async_db_engine)
+    request.node.stash[_TEST_TARGET] = target
+    state = target.loops.peek()
     own = state is not None and state.engine is async_db_engine
     if state is not None and own:
         connection = await state.acquire()
     else:
         connection = await async_db_engine.connect()
     sandbox = await aio.open_sandbox(connection)
-    sandbox.core.lock.timeout = _alchemy_target.settings.thread_wait
+    sandbox.core.lock.timeout = target.settings.thread_wait
     request.node.stash[_ASYNC_OPEN] = True
     try:
         if request.config.stash.get(_COUNTERS_NEEDED, False):
-            arm = functools.partial(_counters_for, request, _alchemy_target, sandbox.core)
+            arm = functools.partial(_counters_for, request, target, sandbox.core)
             await connection.run_sync(lambda _: arm())
         yield connection
         await sandbox.end()
         if sandbox.core.problem:
             restored = ""
             if sandbox.core.escaped and not own:
-                restored = _restore(_alchemy_target, None, overridden="async_db_engine")
+                restored = _restore(target, None, overridden="async_db_engine")
             elif sandbox.core.escaped:
                 try:
-                    restored = await _alchemy_target.restore_async(async_db_engine)
+                    restored = await target.restore_async(async_db_engine)
                 except Exception as exc:
                     restored = _restore_failed(exc)
             _fail(SandboxBrokenError(sandbox.core.problem + restored))
@@ -718,7 +811,8 @@ def async_db_sessionmaker(
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     def make() -> async_sessionmaker[AsyncSession]:
-        arguments = sessions.maker_arguments(request.config.stash[_SETTINGS], is_async=True)
+        engine = async_db_connection.sync_connection.engine  # type: ignore[union-attr]
+        arguments = _maker_arguments(request, engine, is_async=True)
         return async_sessionmaker(
             bind=async_db_connection, join_transaction_mode=JOIN_MODE, **arguments
         )

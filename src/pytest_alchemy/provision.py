@@ -9,6 +9,7 @@ same short message instead of retrying the connection.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,10 +35,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from sqlalchemy import MetaData
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from pytest_alchemy.sandbox import Sandbox
+    from pytest_alchemy.schema import Schema
 
 T = TypeVar("T")
 
@@ -55,7 +58,17 @@ class Target:
         settings: Settings,
         tmp_dir: Callable[[], Path],
         report: Callable[[str], None] = lambda line: None,
+        *,
+        schema: Schema | None = None,
+        parent: Target | None = None,
     ) -> None:
+        #: A schema of its own (an ``alchemy_metadata`` fixture's), on ``parent``'s server.
+        self.schema = schema
+        self._parent = parent
+        if schema is not None:  # built from its metadata alone: the ini's seed and Alembic
+            settings = dataclasses.replace(  # are for the ini's schema
+                settings, metadata=schema.labels, seed=None, alembic=None
+            )
         self.settings = settings
         self._tmp_dir = tmp_dir
         self._report = report
@@ -89,6 +102,8 @@ class Target:
     @functools.cached_property
     def base(self) -> URL | None:
         """The configured URL, with a throwaway server started if one was asked for."""
+        if self._parent is not None:
+            return self._parent.base
         configured = self.settings.url.url
         if ephemeral.wanted(configured):
             assert configured is not None
@@ -103,7 +118,8 @@ class Target:
             s = self.settings
             base = self.base
             if base is None:  # a file of our own in pytest's temporary directory, per worker
-                base = make_url(f"sqlite:///{self._tmp_dir() / 'alchemy.sqlite3'}")
+                name = f"alchemy_{self.schema.key}" if self.schema else "alchemy"
+                base = make_url(f"sqlite:///{self._tmp_dir() / name}.sqlite3")
             sync_url = dialects.sync_twin(base)
             async_url = s.async_url.url or dialects.async_twin(base)
             if self.base is not None:
@@ -128,7 +144,8 @@ class Target:
     def _naming(self, *, template: bool = False) -> databases.Naming:
         s = self.settings
         run = databases.run_part(s.run_id) if self._own_names else None
-        return databases.Naming(s.test_database, s.database_suffix, s.worker, template, run)
+        key = self.schema.key if self.schema else None
+        return databases.Naming(s.test_database, s.database_suffix, s.worker, template, run, key)
 
     def _provision(self, which: int) -> tuple[URL, bool]:
         """Create the test database behind ``self.urls[which]`` once per run.
@@ -141,11 +158,12 @@ class Target:
         url = self.urls[which]
         if self.base is None or dialects.is_memory(url):
             return url, False
-        if not self._greeted:
+        first = self._parent or self  # the server is greeted, and swept, once per run
+        if not first._greeted:
             dialects.check_greeting(url)
-            self._greeted = True
-        if not self._swept and not self.settings.reuse:
-            self._swept = True
+            first._greeted = True
+        if not first._swept and not self.settings.reuse:
+            first._swept = True
             base = self.base.set(drivername=url.drivername)
             for line in databases.sweep(base, self._naming(), self.owner):
                 self._report(line)
@@ -245,10 +263,16 @@ class Target:
 
     # -- schema -------------------------------------------------------------------------------
 
+    def metadatas(self) -> list[MetaData]:
+        """The MetaData objects of the schema (imported now)."""
+        if self.schema is not None:
+            return list(self.schema.metadatas)
+        return schema.load_metadata(self.settings.metadata)
+
     @functools.cached_property
     def _recipe(self) -> databases.Recipe | None:
         """What fills a new test database, from alchemy_metadata and alchemy_seed (imported now)."""
-        metadatas = schema.load_metadata(self.settings.metadata)
+        metadatas = self.metadatas()
         seed = schema.load_seed(self.settings.seed)
         return schema.recipe(metadatas, seed, self.settings, self.base)
 
@@ -446,7 +470,7 @@ class Target:
                     f"dropping the test database {mask(database.url)} failed: {_first_line(exc)}"
                 )
         self._databases.clear()
-        if self._server is not None:
+        if self._server is not None:  # the run's last target (see Targets.close)
             self._server.stop()
             self.templates.clear()  # they were on that server
         return problems
@@ -455,3 +479,85 @@ class Target:
 def _run_sync(engine: Engine, fn: Callable[[Connection], Any]) -> None:
     with engine.begin() as conn:
         fn(conn)
+
+
+class Targets:
+    """The run's targets: the ini's schema's, and one per schema that some tests give
+    themselves by overriding the ``alchemy_metadata`` fixture (each its own test database,
+    named with the schema's key, on the same server)."""
+
+    def __init__(self, default: Target) -> None:
+        self.default = default
+        self._by_key: dict[str, Target] = {}
+        self._given: dict[tuple[object, ...], Target] = {}  # what a fixture returned: its target
+
+    def for_value(self, value: object, where: str) -> Target:
+        """The target of what an ``alchemy_metadata`` fixture returned (None: the default)."""
+        if value is None:
+            return self.default
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        given = tuple(item if isinstance(item, str) else id(item) for item in items)
+        found = self._given.get(given)
+        if found is None:
+            found = self._given[given] = self._for_schema(schema.schema_of(value, where))
+        return found
+
+    def _for_schema(self, wanted: Schema | None) -> Target:
+        if wanted is None:
+            return self.default
+        ini = {id(m) for m in self.default.metadatas()}
+        if ini and {id(m) for m in wanted.metadatas} == ini:
+            return self.default  # the ini's schema, by another name
+        found = self._by_key.get(wanted.key)
+        if found is None:
+            base = self.default
+            found = self._by_key[wanted.key] = Target(
+                base.settings, base._tmp_dir, base._report, schema=wanted, parent=base
+            )
+        return found
+
+    def all(self) -> list[Target]:
+        return [self.default, *self._by_key.values()]
+
+    def of_engine(self, engine: Engine) -> Target:
+        """The target whose engine ``engine`` is (the default for an engine of the user's)."""
+        for target in self.all():
+            if target._engine is engine:
+                return target
+        return self.default
+
+    def of_async_engine(self, engine: AsyncEngine) -> Target:
+        for target in self.all():
+            state = target.loops.peek()
+            if state is not None and state.engine is engine:
+                return target
+        return self.default
+
+    @property
+    def known_urls(self) -> tuple[URL, ...]:
+        return tuple(url for target in self.all() for url in target.known_urls)
+
+    @property
+    def known_base(self) -> tuple[URL, ...]:
+        return self.default.known_base or next(
+            (t.known_base for t in self._by_key.values() if t.known_base), ()
+        )
+
+    def written(self, keys: set[tuple[Any, ...]]) -> list[Target]:
+        """The targets whose test database is one of ``keys`` (see routing.database_key)."""
+        return [
+            target
+            for target in self.all()
+            if any(database_key(url) in keys for url in target.known_urls)
+        ]
+
+    @property
+    def templates(self) -> dict[URL, bool]:
+        return {url: kept for target in self.all() for url, kept in target.templates.items()}
+
+    def close(self) -> list[str]:
+        """Close every target, the default last (it stops a throwaway server)."""
+        problems: list[str] = []
+        for target in [*self._by_key.values(), self.default]:
+            problems += target.close()
+        return problems

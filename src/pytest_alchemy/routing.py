@@ -551,8 +551,8 @@ class EscapeWatch:
         self.active = False
         self.routes: Routes | None = None
         self.escapes: list[str] = []
-        #: An escape reached the test database: it must be restored.
-        self.test_database_written = False
+        #: The test databases (database_key) an escape reached: they must be restored.
+        self.test_database_written: set[tuple[Any, ...]] = set()
         self._installed = False
 
     def watch(self, urls: Iterable[URL], base: Iterable[URL] = ()) -> None:
@@ -594,7 +594,9 @@ class EscapeWatch:
             return
         engine = connection.engine
         if where == "test":
-            self.test_database_written = True
+            key = database_key(engine.url)
+            if key is not None:
+                self.test_database_written.add(key)
             self.escapes.append(
                 f"{mask(engine.url)} committed to the test database outside the test's "
                 f"sandbox, so what it wrote survived the test. {fix(engine)}"
@@ -628,10 +630,10 @@ class EscapeWatch:
         finally:
             self.active = active
 
-    def take(self) -> tuple[list[str], bool]:
-        """The escapes seen since the last call, and whether one wrote the test database."""
+    def take(self) -> tuple[list[str], set[tuple[Any, ...]]]:
+        """The escapes seen since the last call, and the test databases they wrote."""
         found, self.escapes = self.escapes, []
-        written, self.test_database_written = self.test_database_written, False
+        written, self.test_database_written = self.test_database_written, set()
         return list(dict.fromkeys(found)), written
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pytest_alchemy import dialects, inventory, routing
-from pytest_alchemy.config import ALEMBIC_INI, METADATA_INI, SEED_INI, Settings, mask
+from pytest_alchemy.config import (
+    ALEMBIC_INI,
+    METADATA_INI,
+    SEED_INI,
+    Settings,
+    mask,
+    validate_import_paths,
+)
 from pytest_alchemy.databases import MARKER_TABLE, Recipe, run_with_connection
 from pytest_alchemy.errors import ProvisioningError, SchemaConflictError
 
@@ -56,16 +64,30 @@ def load_object(key: str, path: str, expected: str) -> object:
 
 def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
     """Import each ``module:attr`` and return its MetaData (a MetaData or anything with one)."""
-    found: list[MetaData] = []
-    owners: dict[str, str] = {}  # table: the path whose metadata defines it
-    for path in paths:
-        obj = load_object(
-            METADATA_INI, path, "a MetaData or a declarative base, for example 'myapp.models:Base'"
+    given = [
+        (
+            path,
+            load_object(
+                METADATA_INI,
+                path,
+                "a MetaData or a declarative base, for example 'myapp.models:Base'",
+            ),
         )
+        for path in paths
+    ]
+    return _metadatas(given, METADATA_INI, f"-o {METADATA_INI}=...")
+
+
+def _metadatas(given: list[tuple[str, object]], where: str, advice: str) -> list[MetaData]:
+    """The MetaData of each (label, object), each once; a usage error for an object that has
+    none, and for two of them defining the same table (they would share one database)."""
+    found: list[MetaData] = []
+    owners: dict[str, str] = {}  # table: the label of the metadata that defines it
+    for label, obj in given:
         metadata = obj if isinstance(obj, MetaData) else getattr(obj, "metadata", None)
         if not isinstance(metadata, MetaData):
             raise pytest.UsageError(
-                f"{METADATA_INI} = {path!r} is a {type(obj).__name__}, not a MetaData or a "
+                f"{where} = {label!r} is a {type(obj).__name__}, not a MetaData or a "
                 f"declarative base. Name a MetaData or a class with a .metadata attribute."
             )
         if any(metadata is m for m in found):
@@ -74,14 +96,65 @@ def load_metadata(paths: tuple[str, ...]) -> list[MetaData]:
             other = owners.get(table)
             if other is not None:
                 raise pytest.UsageError(
-                    f"{METADATA_INI}: {other!r} and {path!r} both define the table "
-                    f"{table!r}, and they are built into one test database. List one of them, "
-                    f"or give the tests of each schema a run of their own (-o "
-                    f"{METADATA_INI}=...)."
+                    f"{where}: {other!r} and {label!r} both define the table {table!r}, and "
+                    f"they are built into one test database. List one of them, or give the "
+                    f"tests of each schema their own: override the {METADATA_INI} fixture in "
+                    f"the conftest.py of their directory ({advice})."
                 )
-            owners[table] = path
+            owners[table] = label
         found.append(metadata)
     return found
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A schema some tests ask for through the ``alchemy_metadata`` fixture: its own test
+    database, named with ``key``."""
+
+    labels: tuple[str, ...]  # import paths, or what names the objects given
+    metadatas: tuple[MetaData, ...]
+
+    @property
+    def key(self) -> str:
+        """The database name part of this schema: stable while its labels are."""
+        digest = hashlib.sha256("\n".join(sorted(self.labels)).encode()).hexdigest()
+        return f"s{digest[:8]}"
+
+
+def _label(obj: object) -> str:
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, type):
+        return f"{obj.__module__}:{obj.__qualname__}"
+    if isinstance(obj, MetaData):
+        return f"MetaData({', '.join(sorted(obj.tables))})"
+    return repr(obj)
+
+
+def schema_of(value: object, where: str) -> Schema | None:
+    """The schema an ``alchemy_metadata`` fixture returned (None: the ini's).
+
+    ``value`` is a MetaData, a declarative base, an import path ``module:attr``, or a list or
+    tuple of these; ``where`` names the fixture for the errors.
+    """
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise pytest.UsageError(
+            f"{where} returned an empty {type(value).__name__}. Return a MetaData, a declarative "
+            f"base or an import path 'module:attr' (or a list of them); None keeps the ini's "
+            f"{METADATA_INI}."
+        )
+    given: list[tuple[str, object]] = []
+    for item in items:
+        label = _label(item)
+        if isinstance(item, str):
+            paths = validate_import_paths(where, [item])
+            item = load_object(where, paths[0], "a MetaData or a declarative base")
+        given.append((label, item))
+    metadatas = _metadatas(given, where, "one schema per directory, module or class")
+    return Schema(tuple(label for label, _ in given), tuple(metadatas))
 
 
 def build(connection: Connection, metadatas: list[MetaData], where: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_alchemy.schema import load_metadata, load_object
+from pytest_alchemy.schema import Schema, load_metadata, load_object
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -77,16 +77,20 @@ def _value(key: str, raw: str) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _uses_sqlmodel(metadata_paths: tuple[str, ...]) -> bool:
+def _uses_sqlmodel(metadata_paths: tuple[str, ...], schema: Schema | None = None) -> bool:
     try:
         from sqlmodel import SQLModel
     except ImportError:
         return False
-    return any(md is SQLModel.metadata for md in load_metadata(metadata_paths))
+    found = schema.metadatas if schema is not None else load_metadata(metadata_paths)
+    return any(md is SQLModel.metadata for md in found)
 
 
-def session_class(settings: Settings, *, is_async: bool) -> type[Any] | None:
-    """The class the fixtures' sessionmaker makes (None: SQLAlchemy's default)."""
+def session_class(
+    settings: Settings, *, is_async: bool, schema: Schema | None = None
+) -> type[Any] | None:
+    """The class the fixtures' sessionmaker makes (None: SQLAlchemy's default); ``schema``:
+    the test's own, if its alchemy_metadata fixture gives it one."""
     configured = settings.async_session_class if is_async else settings.session_class
     key = ASYNC_CLASS_INI if is_async else CLASS_INI
     if configured:
@@ -97,7 +101,7 @@ def session_class(settings: Settings, *, is_async: bool) -> type[Any] | None:
                 f"{key} = {configured!r} is not a subclass of {base.__module__}.{base.__name__}."
             )
         return found
-    if _uses_sqlmodel(settings.metadata):
+    if _uses_sqlmodel(settings.metadata, schema):
         if is_async:
             from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -118,10 +122,12 @@ def _base_class(*, is_async: bool) -> type[Any]:
     return Session
 
 
-def maker_arguments(settings: Settings, *, is_async: bool) -> dict[str, Any]:
+def maker_arguments(
+    settings: Settings, *, is_async: bool, schema: Schema | None = None
+) -> dict[str, Any]:
     """What the fixtures' sessionmaker is given besides its bind and join mode."""
     arguments = dict(settings.session_options)
-    cls = session_class(settings, is_async=is_async)
+    cls = session_class(settings, is_async=is_async, schema=schema)
     if cls is not None:
         arguments["class_"] = cls
     return arguments
