@@ -387,3 +387,60 @@ def test_a_schema_of_its_own_is_reused_by_fingerprint(
     second = project.run("--alchemy-reuse")
     second.assert_outcomes(passed=8)
     assert "built the schema" not in second.stdout.str()
+
+
+APP = """
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+engine = create_engine(APP_URL)
+SessionLocal = sessionmaker(engine)
+"""
+
+ROUTED_TESTS = """
+from sqlalchemy import func, select
+
+import app
+from {module} import User
+
+
+def test_the_app_writes_in_the_tests_schema():
+    with app.SessionLocal() as session:
+        session.add(User({column}="a"))
+        session.commit()
+    with app.SessionLocal() as session:
+        assert session.scalars(select(User.{column})).all() == ["a"]
+
+
+def test_and_leaves_nothing():
+    with app.SessionLocal() as session:
+        assert session.scalar(select(func.count()).select_from(User)) == 0
+"""
+
+
+@pytest.mark.parametrize("driver", SCHEMA_DRIVERS, ids=lambda d: d.id)
+def test_the_applications_engines_follow_the_tests_schema(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """Tests that use no fixture of the plugin's, only the app's routed engine."""
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(
+        legacy=USERS.format(column="login"),
+        modern=USERS.format(column="mail"),
+        app=APP.replace("APP_URL", repr(project.url or "sqlite://")),
+    )
+    project.ini("alchemy_metadata = legacy:Base\nalchemy_engines = app:engine\n", metadata=False)
+    for folder, module, column in (
+        ("t1_legacy", "legacy", "login"),
+        ("t2_modern", "modern", "mail"),
+        ("t3_again", "legacy", "login"),
+    ):
+        path = pytester.mkdir(folder)
+        source = ROUTED_TESTS.format(module=module, column=column)
+        (path / f"test_{folder}.py").write_text(source)
+        if module == "modern":
+            (path / "conftest.py").write_text(OVERRIDE.format(value="'modern:Base'"))
+    project.run().assert_outcomes(passed=6)
+    assert _databases_left(project) == []
+    if project.sync_url() is not None:
+        assert project.base_tables() == []

@@ -197,10 +197,7 @@ def _check_schema_scopes(items: list[pytest.Item]) -> None:
     naming it and the fix, rather than pytest's ScopeMismatch from inside the plugin."""
     seen: set[int] = set()
     for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or "db_engine" not in getattr(item, "fixturenames", ()):
-            continue
-        defs = info.name2fixturedefs.get("alchemy_metadata")
+        defs = _fixturedefs(item, "alchemy_metadata")
         if not defs or id(defs[-1]) in seen:
             continue
         seen.add(id(defs[-1]))
@@ -252,21 +249,26 @@ def _switch_schema(item: pytest.Item) -> None:
     """Before a test whose alchemy_metadata is another fixture than the one db_engine was
     made for (it is overridden in a directory, module or class), db_engine is torn down, with
     the session fixtures that depend on it, and made again for this test's schema: as pytest
-    does when a parametrized session fixture changes its value."""
-    info = getattr(item, "_fixtureinfo", None)
+    does when a parametrized session fixture changes its value. Looked up, not taken from the
+    test's fixtures: the routing fixture asks for db_connection only as the test runs."""
     request = getattr(item, "_request", None)
-    if info is None or request is None:
+    found = _fixturedefs(item, "db_engine")
+    if request is None or not found or found[-1].cached_result is None:
         return
-    engines = info.name2fixturedefs.get("db_engine")
-    schemas = info.name2fixturedefs.get("alchemy_metadata")
-    if not engines or not schemas or getattr(engines[-1].func, "__module__", None) != __name__:
-        return  # no db_engine in this test, or the user's own
-    fixturedef = engines[-1]
-    wanted = schemas[-1]
-    made_for = item.config.stash.get(_ENGINE_SCHEMA, None)
-    if fixturedef.cached_result is not None and made_for is not wanted:
+    fixturedef = found[-1]
+    if getattr(fixturedef.func, "__module__", None) != __name__:
+        return  # the user's own db_engine
+    schemas = _fixturedefs(item, "alchemy_metadata")
+    wanted = schemas[-1] if schemas else None
+    if item.config.stash.get(_ENGINE_SCHEMA, None) is not wanted:
         fixturedef.finish(request)
-    item.config.stash[_ENGINE_SCHEMA] = wanted
+
+
+def _fixturedefs(item: pytest.Item, name: str) -> list[Any]:
+    """The definitions of the fixture ``name`` that ``item`` sees, the closest last."""
+    manager = getattr(item.session, "_fixturemanager", None)
+    found = manager.getfixturedefs(name, item) if manager is not None else None
+    return list(found or ())
 
 
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -461,6 +463,9 @@ def db_engine(
     Override it in a conftest to run the sandbox on an engine of your own.
     """
     target = _target_for(request, _alchemy_target, alchemy_metadata)
+    test = getattr(request, "_pyfuncitem", None)  # the test db_engine is made for
+    schemas = _fixturedefs(test, "alchemy_metadata") if test is not None else []
+    request.config.stash[_ENGINE_SCHEMA] = schemas[-1] if schemas else None
     try:
         return target.sync_engine()
     except AlchemyError as exc:
