@@ -91,6 +91,15 @@ ASYNC_DRIVERS = [
 ]
 
 
+def subset(drivers: list[Driver], *ids: str) -> list[Driver]:
+    """The drivers of the matrix named ``ids``."""
+    return [driver for driver in drivers if driver.id in ids]
+
+
+#: One driver per backend, for scenarios whose point is not the driver.
+SYNC_BACKENDS = subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")
+ASYNC_BACKENDS = subset(ASYNC_DRIVERS, "sqlite-aiosqlite", "postgresql-asyncpg", "mysql-asyncmy")
+
 _SCRATCH = "alchemy_selftest_"
 
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, project_for
+from conftest import (
+    ASYNC_BACKENDS,
+    ASYNC_DRIVERS,
+    SYNC_BACKENDS,
+    SYNC_DRIVERS,
+    Driver,
+    project_for,
+    subset,
+)
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
     from conftest import Project
-
-
-def _subset(drivers: list[Driver], *ids: str) -> list[Driver]:
-    return [driver for driver in drivers if driver.id in ids]
-
-
-#: One driver per backend, for scenarios whose point is not the driver.
-SYNC_BACKENDS = _subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")
-ASYNC_BACKENDS = _subset(ASYNC_DRIVERS, "sqlite-aiosqlite", "postgresql-asyncpg", "mysql-asyncmy")
 
 
 def _project(
@@ -818,7 +817,7 @@ def test_strict_mode_refuses_unrouted_engines(sync_backend: Project) -> None:
 def test_an_engine_with_another_driver_gets_a_clear_error(
     scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
-    driver = _subset(SYNC_DRIVERS, "postgresql-psycopg")[0]
+    driver = subset(SYNC_DRIVERS, "postgresql-psycopg")[0]
     project = project_for(driver, scratch_databases, pytester)
     assert project.url is not None
     other = make_url(project.url).set(drivername="postgresql+psycopg2")
@@ -844,7 +843,7 @@ def test_a_sync_test_driving_an_async_engine():
 
 
 @pytest.mark.parametrize(
-    "driver", _subset(ASYNC_DRIVERS, "sqlite-aiosqlite", "postgresql-asyncpg"), ids=lambda d: d.id
+    "driver", subset(ASYNC_DRIVERS, "sqlite-aiosqlite", "postgresql-asyncpg"), ids=lambda d: d.id
 )
 def test_an_async_engine_in_a_sync_test_joins_where_the_driver_allows(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
@@ -1218,7 +1217,7 @@ def test_async_engines_are_routed_under_every_loop_configuration(
     marks: str,
     args: tuple[str, ...],
 ) -> None:
-    driver = _subset(ASYNC_DRIVERS, "postgresql-asyncpg")[0]
+    driver = subset(ASYNC_DRIVERS, "postgresql-asyncpg")[0]
     project = project_for(driver, scratch_databases, pytester)
     _app(project, ASYNC_APP)
     project.ini("alchemy_engines = app:SessionLocal\n", loop_scopes=scopes)
@@ -1450,7 +1449,7 @@ def test_without_a_database_fixture():
 
 @pytest.mark.parametrize("order", ["session-first", "session-last"])
 @pytest.mark.parametrize(
-    "driver", _subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg"), ids=lambda d: d.id
+    "driver", subset(SYNC_DRIVERS, "sqlite-pysqlite", "postgresql-psycopg"), ids=lambda d: d.id
 )
 def test_tables_built_by_each_test_pass_in_either_order(
     driver: Driver, order: str, scratch_databases: dict[str, str], pytester: pytest.Pytester

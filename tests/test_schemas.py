@@ -7,12 +7,14 @@ import textwrap
 
 import pytest
 from conftest import (
-    ASYNC_DRIVERS,
+    ASYNC_BACKENDS,
+    SYNC_BACKENDS,
     SYNC_DRIVERS,
     Driver,
     Project,
     admin,
     project_for,
+    subset,
 )
 from sqlalchemy import text
 
@@ -174,11 +176,7 @@ def _databases_left(project: Project) -> list[str]:
     return [n for n in names if n.startswith(f"test_{url.database}")]
 
 
-SCHEMA_DRIVERS = [
-    d
-    for d in SYNC_DRIVERS
-    if d.id in ("sqlite-pysqlite", "sqlite-memory", "postgresql-psycopg", "mysql-pymysql")
-]
+SCHEMA_DRIVERS = [*SYNC_BACKENDS, *subset(SYNC_DRIVERS, "sqlite-memory")]
 
 
 @pytest.mark.parametrize("driver", SCHEMA_DRIVERS, ids=lambda d: d.id)
@@ -190,16 +188,13 @@ def test_directories_with_colliding_tables_run_as_one_suite(
     result = project.run("-v")
     result.assert_outcomes(passed=8)
     assert _databases_left(project) == []
-    assert project.base_tables() == [] if project.sync_url() else True
+    if project.sync_url() is not None:
+        assert project.base_tables() == []
 
 
 @pytest.mark.parametrize(
     "driver",
-    [
-        d
-        for d in ASYNC_DRIVERS
-        if d.id in ("sqlite-aiosqlite", "postgresql-asyncpg", "mysql-asyncmy")
-    ],
+    ASYNC_BACKENDS,
     ids=lambda d: d.id,
 )
 def test_async_directories_with_colliding_tables_run_as_one_suite(
@@ -213,7 +208,7 @@ def test_async_directories_with_colliding_tables_run_as_one_suite(
 
 @pytest.mark.parametrize(
     "driver",
-    [d for d in SYNC_DRIVERS if d.id in ("sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")],
+    SYNC_BACKENDS,
     ids=lambda d: d.id,
 )
 def test_several_schemas_under_xdist(
@@ -346,7 +341,7 @@ def test_after_the_escape(db_session):
 
 @pytest.mark.parametrize(
     "driver",
-    [d for d in SYNC_DRIVERS if d.id in ("sqlite-pysqlite", "postgresql-psycopg", "mysql-pymysql")],
+    SYNC_BACKENDS,
     ids=lambda d: d.id,
 )
 def test_an_escape_in_a_schema_of_its_own_restores_that_database(

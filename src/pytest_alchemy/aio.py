@@ -197,6 +197,7 @@ class AsyncSandbox:
     async def end(self) -> None:
         """Roll the outer transaction back; idempotent. Problems are left in ``core.problem``."""
         core = self.core
+        core.pending_drop = None  # the test is over: the rollback undoes it, never sent
         query = core.asks_server
         if query is not None and not self.connection.closed:
             try:

@@ -315,8 +315,9 @@ def refusal_advice(statement: str) -> str:
     if not _TRANSACTION_CONTROL.match(statement) and _IMPLICIT_COMMIT.match(statement):
         return (
             "MySQL and MariaDB commit implicitly on DDL (CREATE, ALTER, DROP, TRUNCATE, ...), "
-            "so a sandbox cannot undo it. Build tables once, through alchemy_metadata; use "
-            "CREATE TEMPORARY TABLE for scratch tables; use DELETE instead of TRUNCATE."
+            "so a sandbox cannot undo it. Build tables once, through alchemy_metadata (a "
+            "create_all/drop_all of them in a test then sends nothing); use CREATE TEMPORARY "
+            "TABLE for scratch tables; use DELETE instead of TRUNCATE."
         )
     return (
         "Commit through the Session (session.commit() releases the sandbox's savepoint), or "

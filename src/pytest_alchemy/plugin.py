@@ -489,6 +489,8 @@ def db_connection(
     try:
         sandbox.start()
         sandbox.lock.timeout = target.settings.thread_wait
+        if keeper is not None:  # the plugin's own database: it knows what it built there
+            _arm_ddl(sandbox, target)
         _counters_for(request, target, sandbox)
         yield connection
         sandbox.end()
@@ -503,6 +505,16 @@ def db_connection(
         sandbox.end()
         if keeper is None:
             connection.close()
+
+
+def _arm_ddl(sandbox: Sandbox, target: Target) -> None:
+    """Let create_all/drop_all of the tables built into the target cost nothing (ddl.py)."""
+    built = target.built_tables
+    if built:
+        from pytest_alchemy import ddl
+
+        sandbox.built_tables = built
+        ddl.install(routing.sandbox_for)
 
 
 def _restore(target: Target, engine: Engine | None, *, overridden: str = "db_engine") -> str:
@@ -780,6 +792,8 @@ async def async_db_connection(
         connection = await async_db_engine.connect()
     sandbox = await aio.open_sandbox(connection)
     sandbox.core.lock.timeout = target.settings.thread_wait
+    if own:
+        _arm_ddl(sandbox.core, target)
     request.node.stash[_ASYNC_OPEN] = True
     try:
         if request.config.stash.get(_COUNTERS_NEEDED, False):

@@ -270,6 +270,14 @@ class Target:
         return schema.load_metadata(self.settings.metadata)
 
     @functools.cached_property
+    def built_tables(self) -> frozenset[tuple[str | None, str]]:
+        """The tables the plugin builds into this target's database from its metadata, as
+        (schema, name); none when Alembic builds it (what it made is not known here)."""
+        if self._recipe is None or self.settings.alembic:
+            return frozenset()
+        return frozenset((t.schema, t.name) for md in self.metadatas() for t in md.tables.values())
+
+    @functools.cached_property
     def _recipe(self) -> databases.Recipe | None:
         """What fills a new test database, from alchemy_metadata and alchemy_seed (imported now)."""
         metadatas = self.metadatas()

@@ -166,6 +166,18 @@ def load(path: str) -> object:
 # -- the route --------------------------------------------------------------------------------
 
 
+def sandbox_for(connection: Connection) -> Sandbox | None:
+    """The sandbox ``connection`` runs in: the test's own connection, or a checkout of an
+    engine routed into it."""
+    from pytest_alchemy.sandbox import sandbox_of
+
+    found = sandbox_of(connection)
+    if found is not None:
+        return found
+    pool = _root(connection.engine).pool
+    return pool._route.sandbox if isinstance(pool, _SandboxPool) else None
+
+
 def _family(dialect: Dialect) -> str:
     return "mysql" if dialect.name == "mariadb" else dialect.name
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +30,6 @@ from pytest_alchemy.errors import EventLoopMismatchError, SandboxBrokenError
 from pytest_alchemy.statements import counted_tables, proves_read_only
 
 if TYPE_CHECKING:
-    import re
     from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Connection, Engine, RootTransaction
@@ -37,8 +37,12 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from pytest_alchemy.counters import Counters
+    from pytest_alchemy.ddl import PendingDrop
 
 M = TypeVar("M")
+
+#: Statements that change the schema: after one, the built tables are no longer known as built.
+_DDL = re.compile(r"\s*(?:CREATE|DROP|ALTER|RENAME|TRUNCATE|COMMENT\s+ON)\b", re.I)
 
 #: The join mode every sandboxed session uses (see shared pitfalls 2-5 in the docs).
 JOIN_MODE = "create_savepoint"
@@ -237,6 +241,11 @@ class Sandbox:
         self.counters: Counters | None = None
         self._counted: set[str] | None = set()  # tables inserted into; None: any table
         self._counters_reset = False
+        #: The tables the plugin built into this database, as (schema, name): create_all and
+        #: drop_all of them cost nothing here (see ddl.py).
+        self.built_tables: frozenset[tuple[str | None, str]] = frozenset()
+        self.ran_ddl = False  # the test ran DDL: the built tables may not be as built
+        self.pending_drop: PendingDrop | None = None
 
     def count(self, statement: str) -> None:
         """Note the tables whose id counters ``statement`` may advance, if counters reset."""
@@ -370,6 +379,7 @@ class Sandbox:
         if self._ended:
             return None
         self._ended = True
+        self.pending_drop = None  # the rollback undoes it: never sent
         self._watch.internal = True
         if self.connection.closed:
             self.problem = self.problem or (
@@ -492,6 +502,7 @@ class Savepoints:
 
         Its writes are tracked from now on, so what was assumed of raw use is dropped.
         """
+        self.settle_drop()
         index = self._find(owner)
         if index is None:
             return False
@@ -504,6 +515,7 @@ class Savepoints:
         getattr(type(dialect), method)(dialect, connection, name)
 
     def open(self, owner: object, party: object) -> None:
+        self.settle_drop()
         stack = self._stack
         if stack and not stack[-1].live and not stack[-1].writers:
             entry = stack[-1]  # established and clean: reused, no round trip
@@ -573,6 +585,9 @@ class Savepoints:
         """Run ``party``'s statement under the lock (threads may share the connection)."""
         sandbox = self._sandbox
         with self.lock:
+            self.settle_drop()
+            if _DDL.match(statement):
+                sandbox.ran_ddl = True
             self.wrote(party, statement)
             sandbox.count(statement)
             problem = sandbox.check_transaction(statement, before=True)
@@ -587,6 +602,9 @@ class Savepoints:
                 raise SandboxBrokenError(problem)
 
     def release(self, owner: object) -> None:
+        pending = self._sandbox.pending_drop
+        if pending is not None and pending.owner == owner:
+            pending.owner = None  # committed: it belongs to the transaction below now
         index = self._find(owner)
         if index is None:
             return  # rolled back already, with a savepoint below it
@@ -652,6 +670,12 @@ class Savepoints:
                 self._abandon = False
 
     def rollback(self, owner: object) -> None:
+        # A drop recorded since a savepoint opened (a later open would have sent it) is undone
+        # with the transaction that dropped the tables; another party's rollback leaves it,
+        # as it would on a connection of its own.
+        pending = self._sandbox.pending_drop
+        if pending is not None and (self._abandon or pending.owner == owner):
+            self._sandbox.pending_drop = None
         index = self._find(owner)
         if index is None:
             return
@@ -695,6 +719,33 @@ class Savepoints:
 
     def clear(self) -> None:
         self._stack.clear()
+        self._sandbox.pending_drop = None
+
+    def settle_drop(self) -> None:
+        """Send the DROPs of a ``drop_all`` the sandbox had only recorded (see ddl.py): the
+        test goes on using the connection, and must find the tables gone."""
+        sandbox = self._sandbox
+        pending = sandbox.pending_drop
+        if pending is None or sandbox.watch.internal:  # the plugin's own statements need not
+            return
+        sandbox.pending_drop = None
+        sandbox.ran_ddl = True
+        connection = sandbox.connection
+        statements = pending.statements(connection)
+        if any(sandbox.watch.guard.match(statement) for statement in statements):
+            sandbox.watch.refuse(
+                "pytest-alchemy refused the DROP TABLEs of a drop_all() that the test kept "
+                "using the database after: MySQL and MariaDB commit implicitly on DDL, so a "
+                "sandbox cannot undo them. Drop the tables only at the end of the test (a "
+                "fixture's teardown costs nothing: the sandbox rolls back), or DELETE their rows."
+            )
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            for statement in statements:
+                cursor.execute(statement)
+        finally:
+            cursor.close()
+        self.wrote(pending.party, "DROP TABLE")
 
 
 class TurnLock:
