@@ -52,6 +52,8 @@ ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 THREAD_WAIT_INI = "alchemy_thread_wait"
+DATABASES_INI = "alchemy_databases"
+_DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Seconds a thread waits for another thread's statement on the shared connection.
 THREAD_WAIT_DEFAULT = 10.0
 SUFFIX_OPTION = Option(
@@ -103,6 +105,69 @@ class Settings:
     session_class: str | None = None
     async_session_class: str | None = None
     thread_wait: float = THREAD_WAIT_DEFAULT  # see sandbox.TurnLock
+    databases: tuple[Database, ...] = ()  # the application's other databases
+
+
+@dataclass(frozen=True)
+class Database:
+    """One of the application's other databases (``alchemy_databases``): its base URL and the
+    metadata its test database is built from; or, with ``replica_of``, a read replica that
+    tests see as that database, read-only."""
+
+    name: str
+    url: URL
+    metadata: tuple[str, ...] = ()
+    replica_of: str | None = None
+
+
+def parse_databases(lines: Sequence[str], default_name: str = "default") -> tuple[Database, ...]:
+    """``name = URL [module:attr ...]`` and ``name = URL replica of other`` lines."""
+    found: dict[str, Database] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        name, sep, rest = (part.strip() for part in line.partition("="))
+        words = rest.split()
+        if not sep or not _DATABASE_NAME.match(name) or not words:
+            raise pytest.UsageError(
+                f"{DATABASES_INI}: {_masked_line(line)!r} is not 'name = URL [module:Base ...]'. "
+                f"For example 'analytics = postgresql+psycopg://localhost/analytics "
+                f"myapp.analytics:Base', or 'reader = postgresql+psycopg://replica/myapp "
+                f"replica of default' for a read replica."
+            )
+        if name == default_name or name in found:
+            raise pytest.UsageError(
+                f"{DATABASES_INI}: the name {name!r} is given twice ('{default_name}' is "
+                f"alchemy_url's database). Give each database a name of its own."
+            )
+        option = Option(f"{DATABASES_INI} {name}", None, f"{DATABASES_INI} ({name})")
+        url = _parse_url(words[0], "ini", option).url
+        assert url is not None
+        replica_of = None
+        if words[1:3] == ["replica", "of"] and len(words) == 4:
+            replica_of = words[3]
+            paths: tuple[str, ...] = ()
+        else:
+            paths = validate_import_paths(f"{DATABASES_INI} ({name})", words[1:])
+        found[name] = Database(name, url, paths, replica_of)
+    for database in found.values():
+        target = database.replica_of
+        if (
+            target is not None
+            and target != default_name
+            and (target not in found or found[target].replica_of is not None)
+        ):
+            raise pytest.UsageError(
+                f"{DATABASES_INI} ({database.name}): 'replica of {target}' names no database "
+                f"of {DATABASES_INI} (or '{default_name}', alchemy_url's). Name the primary "
+                f"the replica copies."
+            )
+    return tuple(found.values())
+
+
+def _masked_line(line: str) -> str:
+    """An ini line with any password in a URL hidden."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", line.strip())
 
 
 def _lookup(config: pytest.Config, option: Option) -> tuple[str | None, str]:
@@ -192,6 +257,7 @@ def resolve(config: pytest.Config) -> Settings:
         session_class=_one_path(config, sessions.CLASS_INI),
         async_session_class=_one_path(config, sessions.ASYNC_CLASS_INI),
         thread_wait=_seconds(THREAD_WAIT_INI, config.getini(THREAD_WAIT_INI)),
+        databases=parse_databases(config.getini(DATABASES_INI)),
     )
 
 
@@ -257,4 +323,7 @@ def describe(settings: Settings) -> list[str]:
         lines.append(f"alchemy: metadata={', '.join(settings.metadata)}")
     if settings.engines:
         lines.append(f"alchemy: engines={', '.join(settings.engines)}")
+    for database in settings.databases:
+        what = f"replica of {database.replica_of}" if database.replica_of else "database"
+        lines.append(f"alchemy: {what} {database.name}={mask(database.url)}")
     return lines

@@ -12,6 +12,7 @@ __all__ = [
     "DriverMissingError",
     "EventLoopMismatchError",
     "ProvisioningError",
+    "ReadOnlyReplicaError",
     "SandboxBrokenError",
     "SchemaConflictError",
     "UnsandboxedEngineError",
@@ -51,3 +52,7 @@ class EventLoopMismatchError(AlchemyError):
 
 class UnsandboxedEngineError(AlchemyError):
     """An application engine cannot join the test's sandbox, or reached its database around it."""
+
+
+class ReadOnlyReplicaError(AlchemyError):
+    """A write was sent through an engine that ``alchemy_databases`` names a read replica."""

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import types
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -119,6 +120,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         help="Import paths 'module:attr' of the application's engines, sessionmakers, "
         "scoped sessions or Flask-SQLAlchemy db, routed into each test's sandbox.",
+    )
+    parser.addini(
+        _config.DATABASES_INI,
+        type="linelist",
+        default=[],
+        help="The application's other databases, 'name = URL [module:Base ...]' per line (or "
+        "'name = URL replica of other'): each gets a test database and a sandbox per test, and "
+        "the engines of alchemy_engines on its URL join that sandbox.",
     )
     parser.addini(
         _config.BLOCK_INI,
@@ -365,12 +374,16 @@ _TEMPLATES_KEY = "alchemy_templates"
 def _clear_workers_leftovers(settings: _config.Settings) -> list[str]:
     from pytest_alchemy import databases, dialects, ephemeral, ownership
 
-    url = settings.url.url
-    if url is None or ephemeral.wanted(url) or dialects.is_memory(url):
-        return []  # pytest's temporary directory; a worker's own server
-    naming = databases.Naming(settings.test_database, settings.database_suffix)
     owner = ownership.Owner(settings.run_id, settings.run_pid)
-    return databases.sweep(url, naming, owner, ours=True)
+    bases = [(settings.url.url, settings.test_database)]
+    bases += [(d.url, None) for d in settings.databases if d.replica_of is None]
+    done = []
+    for url, name in bases:
+        if url is None or ephemeral.wanted(url) or dialects.is_memory(url):
+            continue  # pytest's temporary directory; a worker's own server
+        naming = databases.Naming(name, settings.database_suffix)
+        done += databases.sweep(url, naming, owner, ours=True)
+    return done
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -595,16 +608,25 @@ def _route(
     sync_sandbox: Sandbox | None = None
     async_sandbox: Sandbox | None = None
     paused = request.config.stash[_ROUTER].escapes.paused  # db_route() may provision
+    several = bool(request.config.stash[_SETTINGS].databases)
     for obj in objects:
         for engine, is_async in routing.engines_of(obj):
             if routes.routed(engine):
                 continue
-            if not is_async:
+            name, replica = _database_of(request, engine) if several else ("default", None)
+            if name != "default":
+                if is_async:
+                    routes.refuse(engine, _async_other_database(engine, name))
+                else:
+                    with paused():
+                        other = _other_databases(request).sandbox(name)
+                    routes.add(engine, other, replica)
+            elif not is_async:
                 if sync_sandbox is None:
                     with paused():
                         connection = request.getfixturevalue("db_connection")
                     sync_sandbox = _sandbox(sandbox_of(connection))
-                routes.add(engine, sync_sandbox)
+                routes.add(engine, sync_sandbox, replica)
             elif async_test or _loop_free_in_sync_test(request, engine):
                 if async_sandbox is None:
                     from pytest_alchemy import aio
@@ -612,10 +634,109 @@ def _route(
                     with paused():
                         connection = _async_connection_for(request, engine)
                     async_sandbox = _sandbox(aio.sandbox_of(connection), "async_")
-                routes.add(engine, async_sandbox)
+                routes.add(engine, async_sandbox, replica)
             else:
                 routes.refuse(engine, _async_in_sync_test(engine, request))
     routes.follow(objects, lambda obj: _route(request, routes, [obj], async_test))
+
+
+def _database_of(request: pytest.FixtureRequest, engine: Engine) -> tuple[str, str | None]:
+    targets: Targets = request.getfixturevalue("_alchemy_target")
+    return targets.database_of(engine.url)
+
+
+def _async_other_database(engine: Engine, name: str) -> str:
+    return (
+        f"The AsyncEngine {_config.mask(engine.url)} works on the database {name} of "
+        f"alchemy_databases, and the plugin sandboxes the other databases of "
+        f"alchemy_databases for sync engines only so far. Use a sync engine for {name} in "
+        f"tests, or test its async code against alchemy_url's database."
+    )
+
+
+_OTHER_DATABASES = pytest.StashKey["OtherDatabases"]()
+
+
+class OtherDatabases:
+    """The sandboxes a test opened on the other databases of ``alchemy_databases``: one per
+    database, on its first use, all rolled back when the test ends."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        self._open: dict[str, tuple[Sandbox, Target, Connection]] = {}
+
+    def sandbox(self, name: str) -> Sandbox:
+        found = self._open.get(name)
+        if found is not None:
+            return found[0]
+        targets: Targets = self._request.getfixturevalue("_alchemy_target")
+        target = targets.named(name)
+        engine = target.sync_engine()
+        keeper = target.keeper_for(engine)
+        assert keeper is not None
+        connection = keeper.acquire()
+        sandbox = Sandbox(connection)
+        sandbox.start()
+        sandbox.lock.timeout = target.settings.thread_wait
+        _arm_ddl(sandbox, target)
+        self._open[name] = (sandbox, target, connection)
+        return sandbox
+
+    def close(self) -> list[str]:
+        """Roll every sandbox back; the problems, each with what was done about it."""
+        problems = []
+        for sandbox, target, connection in self._open.values():
+            sandbox.end()
+            if sandbox.problem:
+                restored = _restore(target, connection.engine) if sandbox.escaped else ""
+                problems.append(sandbox.problem + restored)
+        self._open.clear()
+        return problems
+
+
+def _other_databases(request: pytest.FixtureRequest) -> OtherDatabases:
+    node = request.node
+    found: OtherDatabases | None = node.stash.get(_OTHER_DATABASES, None)
+    if found is None:
+        found = node.stash[_OTHER_DATABASES] = OtherDatabases(request)
+    return found
+
+
+@pytest.fixture
+def db_connections(
+    request: pytest.FixtureRequest, _alchemy_routes: routing.Routes
+) -> Mapping[str, Connection]:
+    """The test's connection to each database, by name: ``"default"`` is ``db_connection``,
+    the others those of ``alchemy_databases``, each in a sandbox of its own, opened on first
+    use and rolled back after the test."""
+    return _Connections(request)
+
+
+class _Connections(Mapping[str, "Connection"]):
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        databases = request.config.stash[_SETTINGS].databases
+        self._names = ["default", *(d.name for d in databases if d.replica_of is None)]
+
+    def __getitem__(self, name: str) -> Connection:
+        if name == "default":
+            return self._request.getfixturevalue("db_connection")  # type: ignore[no-any-return]
+        if name not in self._names:
+            raise KeyError(
+                f"{name!r} is not a database of alchemy_databases (replicas are reached through "
+                f"their engines). Databases: {', '.join(self._names)}."
+            )
+        try:
+            return _other_databases(self._request).sandbox(name).connection
+        except AlchemyError as exc:
+            failure = exc
+        _fail(failure)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 #: The test's async_db_connection is set up (an async engine made during the test may join).
@@ -702,7 +823,11 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
             with contextlib.suppress(pytest.UsageError):  # reported above already
                 routing.end_scoped_sessions(router.objects())
         refused = routes.stop()
+        others = request.node.stash.get(_OTHER_DATABASES, None)
+        broken = others.close() if others is not None else []
     escapes, written = router.escapes.take()
+    if broken and not escapes:
+        _fail(SandboxBrokenError(" ".join(broken)))
     if refused and not escapes and _swallowed(request, refused[0]):
         _fail(UnsandboxedEngineError(" ".join(dict.fromkeys(refused))))
     if escapes:
@@ -713,7 +838,7 @@ def _alchemy_routes(request: pytest.FixtureRequest) -> Iterator[routing.Routes]:
                 restored += target.restore()
             except Exception as exc:
                 restored += _restore_failed(exc)
-        _fail(UnsandboxedEngineError(" ".join(escapes) + restored))
+        _fail(UnsandboxedEngineError(" ".join([*broken, *escapes]) + restored))
 
 
 @pytest.fixture

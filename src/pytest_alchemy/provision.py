@@ -20,7 +20,7 @@ from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 
 from pytest_alchemy import databases, dialects, ephemeral, ownership, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
-from pytest_alchemy.config import Setting, Settings, mask
+from pytest_alchemy.config import DATABASES_INI, Option, Setting, Settings, mask
 from pytest_alchemy.counters import Counters
 from pytest_alchemy.errors import (
     AlchemyError,
@@ -497,6 +497,8 @@ class Targets:
     def __init__(self, default: Target) -> None:
         self.default = default
         self._by_key: dict[str, Target] = {}
+        self._named: dict[str, Target] = {}  # the application's other databases, by name
+        self._databases = {d.name: d for d in default.settings.databases}
         self._given: dict[tuple[object, ...], Target] = {}  # what a fixture returned: its target
 
     def for_value(self, value: object, where: str) -> Target:
@@ -524,8 +526,39 @@ class Targets:
             )
         return found
 
+    def named(self, name: str) -> Target:
+        """The target of the database ``alchemy_databases`` names ``name``."""
+        found = self._named.get(name)
+        if found is None:
+            database = self._databases[name]
+            base = self.default
+            option = Option(f"{DATABASES_INI} ({name})", None, f"{DATABASES_INI} ({name})")
+            settings = dataclasses.replace(
+                base.settings,
+                url=Setting(database.url, "ini", option),
+                async_url=Setting(None, "default", option),
+                metadata=database.metadata,
+                seed=None,
+                alembic=None,
+                test_database=None,
+                databases=(),
+            )
+            found = self._named[name] = Target(settings, base._tmp_dir, base._report)
+        return found
+
+    def database_of(self, url: URL) -> tuple[str, str | None]:
+        """The name of the database an engine at ``url`` works on (``"default"``: alchemy_url's,
+        or one not named), and, for a read replica, the replica's name."""
+        key = database_key(url)
+        for database in self._databases.values():
+            if key is not None and database_key(database.url) == key:
+                if database.replica_of is not None:
+                    return database.replica_of, database.name
+                return database.name, None
+        return "default", None
+
     def all(self) -> list[Target]:
-        return [self.default, *self._by_key.values()]
+        return [self.default, *self._by_key.values(), *self._named.values()]
 
     def of_engine(self, engine: Engine) -> Target:
         """The target whose engine ``engine`` is (the default for an engine of the user's)."""
@@ -547,9 +580,7 @@ class Targets:
 
     @property
     def known_base(self) -> tuple[URL, ...]:
-        return self.default.known_base or next(
-            (t.known_base for t in self._by_key.values() if t.known_base), ()
-        )
+        return tuple(dict.fromkeys(url for target in self.all() for url in target.known_base))
 
     def written(self, keys: set[tuple[Any, ...]]) -> list[Target]:
         """The targets whose test database is one of ``keys`` (see routing.database_key)."""
@@ -566,6 +597,6 @@ class Targets:
     def close(self) -> list[str]:
         """Close every target, the default last (it stops a throwaway server)."""
         problems: list[str] = []
-        for target in [*self._by_key.values(), self.default]:
+        for target in [*self._named.values(), *self._by_key.values(), self.default]:
             problems += target.close()
         return problems

@@ -40,7 +40,8 @@ from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 from pytest_alchemy import dialects
 from pytest_alchemy.config import mask
-from pytest_alchemy.errors import UnsandboxedEngineError
+from pytest_alchemy.errors import ReadOnlyReplicaError, UnsandboxedEngineError
+from pytest_alchemy.statements import proves_read_only
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,7 @@ OWN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 PLUGIN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _ENGINES_INI = "alchemy_engines"
+_DATABASES_INI = "alchemy_databases"
 
 # -- what a configured object routes ----------------------------------------------------------
 
@@ -296,9 +298,10 @@ _HOOKS = (
 class Route:
     """One application engine routed into one test's sandbox, until :meth:`stop`."""
 
-    def __init__(self, engine: Engine, sandbox: Sandbox) -> None:
+    def __init__(self, engine: Engine, sandbox: Sandbox, replica_of: str | None = None) -> None:
         self.engine = _root(engine)
         self.sandbox = sandbox
+        self.replica_of = replica_of
         self._pool = self.engine.pool
         self._saved: dict[str, Any] = {}
         self._initialized = False
@@ -354,8 +357,18 @@ class Route:
         cls = type(dialect)
         label = self.label
 
+        replica_of = self.replica_of
+
         def guard(statement: str) -> None:
             __tracebackhide__ = True
+            if replica_of is not None and not proves_read_only(statement):
+                first_line = statement.strip().splitlines()[0][:80]
+                raise ReadOnlyReplicaError(
+                    f"{label} is a read replica of {replica_of} ({_DATABASES_INI}), and "
+                    f"{first_line!r} writes: a replica refuses writes, so the plugin does too "
+                    f"(the test sees {replica_of}'s data through it, read-only). Write through "
+                    f"{replica_of}'s engine, as the application must in production."
+                )
             if watch.guard.match(statement):
                 first_line = statement.strip().splitlines()[0][:80]
                 watch.refuse(
@@ -470,12 +483,13 @@ class Routes:
             elif hasattr(obj, "_app_engines") and hasattr(obj, "_make_engine"):
                 self._following[id(obj)] = _wrap(obj, "_make_engine", obj, reroute)
 
-    def add(self, engine: Engine, sandbox: Sandbox) -> None:
-        """Route ``engine`` into ``sandbox`` from now on."""
+    def add(self, engine: Engine, sandbox: Sandbox, replica_of: str | None = None) -> None:
+        """Route ``engine`` into ``sandbox`` from now on; ``replica_of``: read-only, as a
+        read replica of that database."""
         root = _root(engine)
         if id(root) in self._routes or root is _root(sandbox.connection.engine):
             return  # routed already, or the sandbox's own engine
-        route = Route(root, sandbox)
+        route = Route(root, sandbox, replica_of)
         route.start()
         self._routes[id(root)] = route
 
