@@ -5,7 +5,7 @@ a read replica's engine sees its primary's sandbox, read-only."""
 from __future__ import annotations
 
 import pytest
-from conftest import SYNC_BACKENDS, Driver, Project, project_for
+from conftest import ASYNC_BACKENDS, SYNC_BACKENDS, Driver, Project, project_for
 from sqlalchemy.engine import make_url
 
 ANALYTICS_MODELS = """
@@ -101,9 +101,9 @@ def test_db_connections_by_name(db_connections):
 def _urls(project: Project, driver: Driver) -> tuple[str, str, str]:
     main = make_url(project.url or "")
     if driver.backend == "sqlite":
-        folder = str(project.pytester.path)
-        analytics = f"sqlite:///{folder}/analytics.sqlite3"
-        replica = f"sqlite:///{folder}/replica.sqlite3"
+        folder = project.pytester.path
+        analytics = main.set(database=str(folder / "analytics.sqlite3")).render_as_string()
+        replica = main.set(database=str(folder / "replica.sqlite3")).render_as_string()
     else:
         analytics = main.set(database=f"{main.database}_analytics").render_as_string(False)
         replica = main.set(database=f"{main.database}_replica").render_as_string(False)
@@ -165,3 +165,86 @@ def test_bad_databases_are_usage_errors(
     result = project.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([expected])
+
+
+ASYNC_APP = """
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from analytics_models import Event
+from models import Item
+
+engine = create_async_engine(MAIN)
+analytics = create_async_engine(ANALYTICS)
+reader = create_async_engine(REPLICA)
+Main = async_sessionmaker(engine)
+Analytics = async_sessionmaker(analytics)
+Reader = async_sessionmaker(reader)
+
+
+async def signup(name):
+    async with Main() as session:
+        session.add(Item(name=name))
+        await session.commit()
+    async with Analytics() as session:
+        session.add(Event(kind="signup"))
+        await session.commit()
+
+
+async def counts():
+    async with Main() as main, Analytics() as stats:
+        return (
+            await main.scalar(select(func.count()).select_from(Item)),
+            await stats.scalar(select(func.count()).select_from(Event)),
+        )
+"""
+
+ASYNC_TESTS = """
+import pytest
+from sqlalchemy import insert, select
+
+import app
+from models import Item
+from pytest_alchemy import ReadOnlyReplicaError
+
+
+@pytest.mark.asyncio
+async def test_the_app_writes_both_databases():
+    await app.signup("ada")
+    assert await app.counts() == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_both_are_rolled_back():
+    assert await app.counts() == (0, 0)
+
+
+@pytest.mark.asyncio
+async def test_the_replica_reads_the_primary_and_refuses_writes():
+    await app.signup("ada")
+    async with app.Reader() as session:
+        assert (await session.scalars(select(Item.name))).all() == ["ada"]
+    async with app.reader.connect() as conn:
+        with pytest.raises(ReadOnlyReplicaError, match="read replica"):
+            await conn.execute(insert(Item).values(name="nope"))
+"""
+
+
+@pytest.mark.parametrize("driver", ASYNC_BACKENDS, ids=lambda d: d.id)
+def test_async_engines_on_two_databases_and_a_replica(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    main, analytics, replica = _urls(project, driver)
+    source = ASYNC_APP.replace("MAIN", repr(main)).replace("ANALYTICS", repr(analytics))
+    pytester.makepyfile(
+        analytics_models=ANALYTICS_MODELS, app=source.replace("REPLICA", repr(replica))
+    )
+    project.ini(
+        "alchemy_engines =\n    app:engine\n    app:analytics\n    app:reader\n"
+        f"alchemy_databases =\n    analytics = {analytics} analytics_models:Base\n"
+        f"    reader = {replica} replica of default\n"
+    )
+    project.tests(ASYNC_TESTS)
+    project.run().assert_outcomes(passed=3)
+    assert project.leftover_tables() == []

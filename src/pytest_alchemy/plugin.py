@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     )
     from sqlalchemy.orm import Session, sessionmaker
 
+    from pytest_alchemy.aio import AsyncSandbox
+
 _SETTINGS = pytest.StashKey[_config.Settings]()
 _ROUTER = pytest.StashKey[routing.Router]()
 _TARGET = pytest.StashKey[Targets]()
@@ -615,8 +617,12 @@ def _route(
                 continue
             name, replica = _database_of(request, engine) if several else ("default", None)
             if name != "default":
-                if is_async:
-                    routes.refuse(engine, _async_other_database(engine, name))
+                if is_async and (async_test or _loop_free_in_sync_test(request, engine)):
+                    with paused():
+                        sandboxes = _async_others_for(request, engine)
+                    routes.add(engine, sandboxes[name].core, replica)
+                elif is_async:
+                    routes.refuse(engine, _async_in_sync_test(engine, request))
                 else:
                     with paused():
                         other = _other_databases(request).sandbox(name)
@@ -645,12 +651,27 @@ def _database_of(request: pytest.FixtureRequest, engine: Engine) -> tuple[str, s
     return targets.database_of(engine.url)
 
 
-def _async_other_database(engine: Engine, name: str) -> str:
-    return (
-        f"The AsyncEngine {_config.mask(engine.url)} works on the database {name} of "
-        f"alchemy_databases, and the plugin sandboxes the other databases of "
-        f"alchemy_databases for sync engines only so far. Use a sync engine for {name} in "
-        f"tests, or test its async code against alchemy_url's database."
+#: The async sandboxes of the other databases, once open in this test.
+_ASYNC_OTHERS = pytest.StashKey[dict[str, "AsyncSandbox"]]()
+
+
+def _async_others_for(request: pytest.FixtureRequest, engine: Engine) -> dict[str, AsyncSandbox]:
+    """The async sandboxes of the other databases, for ``engine`` to join; opened now unless
+    the test is running already (see :func:`_async_connection_for`)."""
+    import asyncio
+
+    found: dict[str, AsyncSandbox] | None = request.node.stash.get(_ASYNC_OTHERS, None)
+    if found is not None:
+        return found
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return request.getfixturevalue("_alchemy_async_others")  # type: ignore[no-any-return]
+    raise UnsandboxedEngineError(
+        f"The AsyncEngine {_config.mask(engine.url)} (a database of alchemy_databases) was "
+        f"made or bound during the async test {request.node.name}, and the sandboxes of those "
+        f"databases open before an async test starts, not from inside it. List the engine "
+        f"(or what makes it) in alchemy_engines, or make it in a fixture."
     )
 
 
@@ -982,11 +1003,52 @@ async def async_db_session(
     await aio.close_session_after(session)
 
 
+async def _alchemy_async_others(
+    request: pytest.FixtureRequest, _alchemy_target: Targets
+) -> AsyncIterator[dict[str, AsyncSandbox]]:
+    """An async sandbox on each other database of alchemy_databases, for the async engines
+    on them (opened together: async fixtures cannot be set up once the test runs)."""
+    from pytest_alchemy import aio
+
+    opened: dict[str, tuple[AsyncSandbox, Target]] = {}
+    try:
+        for database in request.config.stash[_SETTINGS].databases:
+            if database.replica_of is not None:
+                continue
+            target = _alchemy_target.named(database.name)
+            try:
+                state = await target.loop_state()
+            except AlchemyError as exc:
+                _fail(exc)
+            sandbox = await aio.open_sandbox(await state.acquire())
+            sandbox.core.lock.timeout = target.settings.thread_wait
+            _arm_ddl(sandbox.core, target)
+            opened[database.name] = (sandbox, target)
+        sandboxes = {name: sandbox for name, (sandbox, _) in opened.items()}
+        request.node.stash[_ASYNC_OTHERS] = sandboxes
+        yield sandboxes
+    finally:
+        problems = []
+        for sandbox, target in opened.values():
+            await sandbox.end()
+            if sandbox.core.problem:
+                restored = ""
+                if sandbox.core.escaped:
+                    try:
+                        restored = await target.restore_async(sandbox.connection.engine)
+                    except Exception as exc:
+                        restored = _restore_failed(exc)
+                problems.append(sandbox.core.problem + restored)
+    if problems:
+        _fail(SandboxBrokenError(" ".join(problems)))
+
+
 _ASYNC_FIXTURES: dict[str, Callable[..., Any]] = {
     "async_db_engine": async_db_engine,
     "async_db_connection": async_db_connection,
     "async_db_sessionmaker": async_db_sessionmaker,
     "async_db_session": async_db_session,
+    "_alchemy_async_others": _alchemy_async_others,
 }
 _NO_RUNNER = (
     "{name} needs an async test runner, and none is active. Install pytest-asyncio "
