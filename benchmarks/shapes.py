@@ -11,6 +11,8 @@ of the repeats, so one-off costs (building templates, starting pytest) cancel ou
   create_all/drop_all variants pay before any DDL);
 - two schemas: the same N tests, half of them in a directory whose conftest overrides the
   ``alchemy_metadata`` fixture (a second schema and test database; one switch of schema);
+- two databases: the plain tests that also run one query on a second database of
+  ``alchemy_databases`` (``db_connections["other"]``: a second sandbox per test);
 - create_all/drop_all: the plain tests under an autouse fixture that runs
   ``Base.metadata.create_all(app.engine)`` / ``drop_all`` around each test through a routed
   engine, with the schema in ``alchemy_metadata`` (the DDL never reaches the server);
@@ -63,6 +65,18 @@ def test_{n}(db_session):
     db_session.commit()
 """
 
+TWO_DATABASES_TEST = """
+from sqlalchemy import text
+
+from models import Item
+
+
+def test_{n}(db_session, db_connections):
+    db_session.add(Item(name="x"))
+    db_session.commit()
+    db_connections["other"].execute(text("SELECT 1"))
+"""
+
 TABLES_FIXTURE = """
 import pytest
 
@@ -90,6 +104,9 @@ def _project(root: Path, url: str, tests: int, tables: int, variant: str) -> Pat
     ini = ["[pytest]", "pythonpath = .", f"alchemy_url = {url}"]
     if variant != "create_all, no metadata":
         ini.append("alchemy_metadata = models:Base")
+    if variant == "two databases":
+        other = url.rsplit("/", 1)[0] + "/bench_other"
+        ini.append(f"alchemy_databases =\n    other = {other} other_models:Base")
     if variant.startswith("create_all") or variant == "routed":
         ini.append("alchemy_engines = app:engine")
     if variant.startswith("create_all"):
@@ -114,6 +131,9 @@ def _project(root: Path, url: str, tests: int, tables: int, variant: str) -> Pat
             )
         )
         (other / "test_b.py").write_text(half.replace("from models", "from other_models"))
+    elif variant == "two databases":
+        body = "".join(TWO_DATABASES_TEST.format(n=n) for n in range(tests))
+        (folder / "test_a.py").write_text(body)
     else:
         (folder / "test_a.py").write_text(body)
     return folder
@@ -145,6 +165,7 @@ def main() -> None:
         "plain",
         "routed",
         "two schemas",
+        "two databases",
         "create_all, built schema",
         "create_all, no metadata",
     ]
