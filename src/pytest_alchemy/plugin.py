@@ -200,25 +200,32 @@ def _defaults(config: pytest.Config) -> markers.Options:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Counters are read when a database is first used, if any test of the run resets them.
     config.stash[_COUNTERS_NEEDED] = markers.check(items, _defaults(config))
-    _check_schema_scopes(items)
+    config.stash[_SCHEMAS_OVERRIDDEN] = _check_schema_scopes(items)
 
 
-def _check_schema_scopes(items: list[pytest.Item]) -> None:
-    """An alchemy_metadata fixture of the user's that db_engine cannot use: a usage error
-    naming it and the fix, rather than pytest's ScopeMismatch from inside the plugin."""
-    seen: set[int] = set()
+#: Some test sees an alchemy_metadata fixture of the user's (a schema of its own).
+_SCHEMAS_OVERRIDDEN = pytest.StashKey[bool]()
+
+
+def _check_schema_scopes(items: list[pytest.Item]) -> bool:
+    """Whether some test has a schema of its own; an alchemy_metadata fixture of the user's
+    that db_engine cannot use is a usage error naming it and the fix, rather than pytest's
+    ScopeMismatch from inside the plugin."""
+    seen: dict[int, Any] = {}
     for item in items:
         defs = _fixturedefs(item, "alchemy_metadata")
-        if not defs or id(defs[-1]) in seen:
-            continue
-        seen.add(id(defs[-1]))
-        if defs[-1].scope != "session":
-            where = defs[-1].baseid or "a plugin"
+        if defs:
+            seen.setdefault(id(defs[-1]), defs[-1])
+    users = [d for d in seen.values() if getattr(d.func, "__module__", None) != __name__]
+    for fixturedef in users:
+        if fixturedef.scope != "session":
+            where = fixturedef.baseid or "a plugin"
             raise pytest.UsageError(
-                f"The alchemy_metadata fixture of {where} is {defs[-1].scope}-scoped; it "
+                f"The alchemy_metadata fixture of {where} is {fixturedef.scope}-scoped; it "
                 f"chooses the schema of db_engine, which is session-scoped, so it must be too: "
                 f'@pytest.fixture(scope="session") (in a class, with @classmethod below it).'
             )
+    return bool(users)
 
 
 def _counters_for(request: pytest.FixtureRequest, target: Target, sandbox: Sandbox) -> None:
@@ -263,8 +270,10 @@ def _switch_schema(item: pytest.Item) -> None:
     does when a parametrized session fixture changes its value. Looked up, not taken from the
     test's fixtures: the routing fixture asks for db_connection only as the test runs."""
     request = getattr(item, "_request", None)
+    if request is None or not item.config.stash.get(_SCHEMAS_OVERRIDDEN, True):
+        return
     found = _fixturedefs(item, "db_engine")
-    if request is None or not found or found[-1].cached_result is None:
+    if not found or found[-1].cached_result is None:
         return
     fixturedef = found[-1]
     if getattr(fixturedef.func, "__module__", None) != __name__:
