@@ -154,6 +154,10 @@ def test_two_databases_under_xdist(
         ("x = sqlite:// replica of nowhere", "*'replica of nowhere' names no database*"),
         ("x = notaurl", "*alchemy_databases (x) (ini): not a SQLAlchemy URL*"),
         ("x = sqlite:// pkg.models", "*'pkg.models' is not an import path*"),
+        (
+            "x = sqlite:///a.db\n    y = sqlite:///a.db replica of x",
+            "*alchemy_databases: y (sqlite:///a.db) is the database of x as well*",
+        ),
     ],
 )
 def test_bad_databases_are_usage_errors(

@@ -257,8 +257,29 @@ def resolve(config: pytest.Config) -> Settings:
         session_class=_one_path(config, sessions.CLASS_INI),
         async_session_class=_one_path(config, sessions.ASYNC_CLASS_INI),
         thread_wait=_seconds(THREAD_WAIT_INI, config.getini(THREAD_WAIT_INI)),
-        databases=parse_databases(config.getini(DATABASES_INI)),
+        databases=_distinct(url, parse_databases(config.getini(DATABASES_INI))),
     )
+
+
+def _distinct(url: Setting, databases: tuple[Database, ...]) -> tuple[Database, ...]:
+    """Refuse two databases at one URL: engines are told apart by the database they name."""
+    from pytest_alchemy.routing import database_key
+
+    seen = {database_key(url.url): "default"} if url.url is not None else {}
+    for database in databases:
+        key = database_key(database.url)
+        other = seen.get(key) if key is not None else None
+        if other is not None:
+            raise pytest.UsageError(
+                f"{DATABASES_INI}: {database.name} ({mask(database.url)}) is the database of "
+                f"{other} as well, and the plugin tells the application's engines apart by the "
+                f"database their URL names. Give {database.name} a URL of its own in the test "
+                f"settings (a replica's engine pointing at the primary is just the primary's "
+                f"engine: leave it out of {DATABASES_INI})."
+            )
+        if key is not None:
+            seen[key] = database.name
+    return databases
 
 
 def _one_path(config: pytest.Config, key: str) -> str | None:
