@@ -252,3 +252,30 @@ def test_async_engines_on_two_databases_and_a_replica(
     project.tests(ASYNC_TESTS)
     project.run().assert_outcomes(passed=3)
     assert project.leftover_tables() == []
+
+
+def test_a_named_database_whose_server_is_down_is_a_clear_error(pytester: pytest.Pytester) -> None:
+    project = Project(pytester, None)
+    pytester.makepyfile(
+        analytics_models=ANALYTICS_MODELS,
+        app="from sqlalchemy import create_engine\n"
+        "analytics = create_engine('postgresql+psycopg://postgres@127.0.0.1:1/analytics')\n",
+    )
+    project.ini(
+        "alchemy_engines = app:analytics\nalchemy_databases =\n"
+        "    analytics = postgresql+psycopg://postgres@127.0.0.1:1/analytics "
+        "analytics_models:Base\n"
+    )
+    project.tests("def test_x():\n    pass\n")
+    result = project.run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*DatabaseUnavailableError: Cannot connect to the test database "
+            "postgresql+psycopg://postgres@127.0.0.1:1/test_analytics (derived from "
+            "alchemy_databases (analytics) (ini))*Start the server, or point "
+            "alchemy_databases (analytics) at a reachable database."
+        ]
+    )
+    assert "None" not in result.stdout.str()
+    assert "During handling" not in result.stdout.str()  # one message, not two

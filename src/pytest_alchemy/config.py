@@ -140,7 +140,7 @@ def parse_databases(lines: Sequence[str], default_name: str = "default") -> tupl
                 f"{DATABASES_INI}: the name {name!r} is given twice ('{default_name}' is "
                 f"alchemy_url's database). Give each database a name of its own."
             )
-        option = Option(f"{DATABASES_INI} {name}", None, f"{DATABASES_INI} ({name})")
+        option = Option(f"{DATABASES_INI} ({name})", None, f"{DATABASES_INI} ({name})")
         url = _parse_url(words[0], "ini", option).url
         assert url is not None
         replica_of = None

@@ -237,6 +237,7 @@ class Target:
         )
         origin = self._origin(url, setting)
         option = setting.option
+        names = " / ".join(dict.fromkeys(n for n in (option.cli, option.env, option.ini) if n))
         if isinstance(exc, AlchemyError):
             details = getattr(exc, "details", "")
             if details:  # once, for the whole run: every test repeats only the message
@@ -245,8 +246,7 @@ class Target:
         if isinstance(exc, (ImportError, NoSuchModuleError)):
             return DriverMissingError(
                 f"The driver for {mask(url)} ({origin}) is not installed: {_first_line(exc)}. "
-                f"Install it with `{dialects.install_hint(url)}`, or change {option.cli} / "
-                f"{option.env} / {option.ini}."
+                f"Install it with `{dialects.install_hint(url)}`, or change {names}."
             )
         message = _first_line(exc)
         if url.password:
@@ -258,7 +258,7 @@ class Target:
             )
         return DatabaseUnavailableError(
             f"Cannot connect to the test database {mask(url)} ({origin}): {message}. Start the "
-            f"server, or point {option.cli} / {option.env} / {option.ini} at a reachable database."
+            f"server, or point {names} at a reachable database."
         )
 
     # -- schema -------------------------------------------------------------------------------
@@ -532,7 +532,8 @@ class Targets:
         if found is None:
             database = self._databases[name]
             base = self.default
-            option = Option(f"{DATABASES_INI} ({name})", None, f"{DATABASES_INI} ({name})")
+            key = f"{DATABASES_INI} ({name})"
+            option = Option(key, None, key)
             settings = dataclasses.replace(
                 base.settings,
                 url=Setting(database.url, "ini", option),
