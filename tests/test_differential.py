@@ -3,13 +3,13 @@
 Hypothesis generates programs of what applications do (sessions from a sessionmaker on the
 test's connection and from a routed application engine; add, flush, commit, rollback,
 ``begin_nested()`` kept or rolled back, ``with session.begin():``, close, an IntegrityError and
-its recovery, Core ``engine.begin()`` writes, a ``SELECT`` of a function that inserts, a second
-overlapping session) and runs each program twice, step by step: on a scratch database with
-real commits and no plugin (the oracle: production), and inside a sandbox, driven as the
-fixtures drive it (a ``Sandbox`` on a kept connection, the application engine routed into it;
-for asyncpg an ``AsyncSandbox`` on one event loop, AsyncSessions and a routed AsyncEngine).
-After every step the exceptions and the rows each party sees must match; after the program,
-the sandboxed database must be exactly as before.
+its recovery, a failing query and its recovery, Core ``engine.begin()`` writes, a ``SELECT`` of
+a function that inserts, a second overlapping session) and runs each program twice, step by
+step: on a scratch database with real commits and no plugin (the oracle: production), and inside
+a sandbox, driven as the fixtures drive it (a ``Sandbox`` on a kept connection, the application
+engine routed into it; for asyncpg an ``AsyncSandbox`` on one event loop, AsyncSessions and a
+routed AsyncEngine). After every step the exceptions and the rows each party sees must match;
+after the program, the sandboxed database must be exactly as before.
 
 What one connection cannot give is stated by the model rather than generated:
 
@@ -476,6 +476,21 @@ def machine_for(databases: Databases) -> type[RuleBasedStateMachine]:
             got = outcome(lambda: sandbox.call(lambda: names(sandbox.session(slot))))
             assert got == expected, f"sandbox {got} != production {expected}"
             self.began(slot)
+
+        @rule(slot=SLOTS)
+        def failed_read(self, slot: int) -> None:
+            """A query that fails (on PostgreSQL the transaction is then aborted), and the
+            rollback production code does to recover."""
+            if slot in self.stale or (self.writer not in (None, slot)):
+                return
+
+            def step(world: World) -> None:
+                world.session(slot).execute(text("SELECT name FROM alchemy_no_such_table"))
+
+            self.began(slot)
+            self.both(step)
+            self.both(lambda world: world.session(slot).rollback())
+            self.ended(slot, committed=False)
 
         @rule(slot=SLOTS)
         def commit(self, slot: int) -> None:

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import URL, Connection, Engine
-    from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+    from sqlalchemy.engine.interfaces import (
+        DBAPIConnection,
+        DBAPICursor,
+        Dialect,
+        ExecutionContext,
+    )
     from sqlalchemy.pool import ConnectionPoolEntry
 
 #: Seconds a connection attempt may take before the test fails, unless the URL sets its own.
@@ -118,6 +123,41 @@ _LOOP_FREE = frozenset({"aiosqlite"})
 def loop_bound(driver: str) -> bool:
     """Whether an async driver's connection may only be used on the loop that opened it."""
     return driver not in _LOOP_FREE
+
+
+def begins_implicitly(dialect: Dialect) -> bool:
+    """Whether the driver begins a transaction by itself with the first statement after a
+    rollback (PostgreSQL's and MySQL's drivers; the plugin's SQLite connections begin with
+    an explicit BEGIN, and a rollback would leave them in autocommit)."""
+    return dialect.name in ("postgresql", "mysql", "mariadb")
+
+
+def begin_with_savepoints(dbapi_connection: Any, names: list[str]) -> bool:
+    """Send the BEGIN a driver would send before the next statement together with the
+    SAVEPOINTs ``names``, in one round trip; False where it cannot (nothing is sent).
+
+    psycopg 3 (sync) only: it sends its BEGIN as a round trip of its own, and skips it when
+    libpq reports a transaction open, as it does after this. Not when an isolation level,
+    read-only or deferrable mode makes its BEGIN say more.
+    """
+    raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    if type(raw).__module__.partition(".")[0] != "psycopg":
+        return False
+    import psycopg
+
+    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
+        return False
+    if (raw.isolation_level, raw.read_only, raw.deferrable) != (None, None, None):
+        return False
+    pgconn = raw.pgconn
+    if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    query = "; ".join(["BEGIN", *(f"SAVEPOINT {name}" for name in names)])
+    result = pgconn.exec_(query.encode())
+    if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        message = (result.error_message or b"").decode(errors="replace").strip()
+        raise psycopg.OperationalError(f"{query!r} failed: {message or 'no answer'}")
+    return True
 
 
 def is_memory(url: URL) -> bool:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine, RootTransaction
     from sqlalchemy.engine.interfaces import DBAPICursor, Dialect, ExecutionContext
     from sqlalchemy.orm import Session
+    from sqlalchemy.pool import PoolProxiedConnection
 
     from pytest_alchemy.counters import Counters
     from pytest_alchemy.ddl import PendingDrop
@@ -246,6 +247,7 @@ class Sandbox:
         self.built_tables: frozenset[tuple[str | None, str]] = frozenset()
         self.ran_ddl = False  # the test ran DDL: the built tables may not be as built
         self.pending_drop: PendingDrop | None = None
+        self._quiet: int | None = None  # see nothing_to_roll_back
 
     def count(self, statement: str) -> None:
         """Note the tables whose id counters ``statement`` may advance, if counters reset."""
@@ -309,6 +311,22 @@ class Sandbox:
         #: Asked of the server at teardown, where the driver cannot see an end (asyncmy).
         self.ask_at_teardown = dialects.ends_unseen(name, dbapi_connection)
         self._seen_open = False
+
+    def transaction_begun(self) -> bool:
+        """Whether the driver may have begun the outer transaction (True where it cannot
+        tell)."""
+        probe = self._probe
+        return probe is None or probe() != dialects.NO_TRANSACTION
+
+    def transaction_restarted(self) -> None:
+        """The plugin rolled the driver's transaction back (see Savepoints): the end it
+        will see is not an escape."""
+        self._seen_open = False
+
+    def nothing_to_roll_back(self) -> bool:
+        """Whether the test ran no statement and the driver holds no transaction: the
+        teardown's ROLLBACK would only cost a round trip (PyMySQL sends it regardless)."""
+        return self.savepoints.statements == 0 and not self.transaction_begun()
 
     @property
     def asks_server(self) -> str | None:
@@ -389,6 +407,9 @@ class Sandbox:
             return None
         self.check_transaction(None)
         if not self.needs_invalidation():
+            if self.nothing_to_roll_back():
+                self._quiet = id(self.connection.connection)
+                _quiet_rollbacks.add(self._quiet)
             return "rollback"
         # SQLAlchemy's view of the transaction can no longer be trusted (a refused commit, an
         # outer rollback): throwing the DBAPI connection away rolls back whatever the server
@@ -400,6 +421,8 @@ class Sandbox:
         self.problem = self.problem or f"Rolling back the sandbox failed: {exc!r}"
 
     def end_teardown(self) -> None:
+        if self._quiet is not None:
+            _quiet_rollbacks.discard(self._quiet)
         self.savepoints.clear()
         self._watch.internal = False
         self._watch.owner = None
@@ -426,13 +449,15 @@ class Sandbox:
 
 
 class _Savepoint:
-    __slots__ = ("group", "live", "name", "owner", "party", "writers")
+    __slots__ = ("group", "live", "name", "owner", "party", "sent", "writers")
 
-    def __init__(self, owner: object, party: object, name: str) -> None:
+    def __init__(self, owner: object, party: object, name: str, *, sent: bool = True) -> None:
         self.owner = owner
         self.party = party  # the pooled connection whose code opened it
         self.name = name
         self.live = True
+        #: Whether the SAVEPOINT was sent (see Savepoints: it waits for the first write).
+        self.sent = sent
         self.writers: set[int] = set()  # ids of the writers (see Savepoints.wrote) it holds
         #: The session whose transaction it is, for sessions that share one connection.
         self.group: int | None = None
@@ -464,6 +489,14 @@ class Savepoints:
       read-only transactions cost no round trips to end and begin;
     - rolling back one that does undoes everything written since it opened, by anyone; when
       that includes another party's work, :attr:`Sandbox.problem` says so and the test fails.
+
+    Savepoints opened before anything was written in the outer transaction are *deferred*
+    where the driver begins transactions by itself (PostgreSQL, MySQL): the SAVEPOINT is sent
+    just before the first statement that may write (with any deferred below it), so a test
+    that only reads never pays for one. Up to that write nothing is there to undo: the
+    rollback of a deferred savepoint sends nothing, and after a failed read (PostgreSQL then
+    refuses everything until a rollback) it rolls the driver's transaction back, which undoes
+    nothing either, and the driver begins the next one by itself.
     """
 
     def __init__(self, sandbox: Sandbox) -> None:
@@ -471,6 +504,11 @@ class Savepoints:
         self._stack: list[_Savepoint] = []
         self._abandon = False
         self._acting: dict[int, tuple[int, str]] = {}  # thread -> (session, "flush"/"execute")
+        #: Nothing has been written in the outer transaction yet (savepoints may be deferred).
+        self._clean = dialects.begins_implicitly(sandbox.connection.dialect)
+        self._failed_clean = False  # a statement failed while clean (see _failed)
+        #: Statements the sandbox's connection ran for the test (the plugin's own aside).
+        self.statements = 0
 
     @property
     def lock(self) -> TurnLock:
@@ -522,9 +560,56 @@ class Savepoints:
             entry.owner, entry.party, entry.live = owner, party, True
             entry.group = None
             return
-        entry = _Savepoint(owner, party, self._fresh_name())
-        self._run("do_savepoint", entry.name)
+        entry = _Savepoint(owner, party, self._fresh_name(), sent=self._must_send_now())
+        if entry.sent:
+            self._run("do_savepoint", entry.name)
         stack.append(entry)
+
+    def _must_send_now(self) -> bool:
+        """Whether a savepoint opened now must be sent now. It can wait for the first write
+        while nothing has been written, and, for the first one, the driver has not begun the
+        outer transaction yet, so nothing unseen (a raw DBAPI cursor) can have written in it.
+        """
+        if not self._clean:
+            return True
+        if any(not entry.sent for entry in self._stack):
+            return False
+        if self._sandbox.transaction_begun():
+            self._clean = False
+            return True
+        return False
+
+    def _send_deferred(self) -> None:
+        """Before a write: send the deferred savepoints, in order (with the driver's BEGIN
+        where it allows); from now on every savepoint is sent when it opens."""
+        unsent = [entry for entry in self._stack if not entry.sent]
+        dbapi_connection = self._sandbox.connection.connection.dbapi_connection
+        if unsent and dialects.begin_with_savepoints(dbapi_connection, [e.name for e in unsent]):
+            for entry in unsent:
+                entry.sent = True
+        for entry in unsent:
+            if not entry.sent:
+                self._run("do_savepoint", entry.name)
+                entry.sent = True
+        self._clean = False
+
+    def _failed(self, party: object) -> None:
+        """A statement of ``party`` failed: on PostgreSQL its transaction is aborted, and only
+        a rollback recovers from that (a failed statement counts as a write)."""
+        if self._clean:
+            self._failed_clean = True  # nothing written yet: a rollback of the driver's
+            return  # transaction recovers exactly (see rollback)
+        if self._stack:
+            self._stack[-1].writers.add(self._writer(party))
+
+    def _restart_clean(self) -> None:
+        """After a failed statement, before anything was written: roll back the driver's
+        transaction, which undoes nothing; the driver begins the next one by itself."""
+        self._failed_clean = False
+        sandbox = self._sandbox
+        with sandbox.watch.own_statements():
+            sandbox.connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        sandbox.transaction_restarted()
 
     def _fresh_name(self) -> str:
         """A name no savepoint on the stack has (MySQL replaces a savepoint of the same
@@ -540,8 +625,9 @@ class Savepoints:
         with self.lock:
             if self._stack:
                 return
-            entry = _Savepoint(None, None, "sa_savepoint_1")
-            self._run("do_savepoint", entry.name)
+            entry = _Savepoint(None, None, "sa_savepoint_1", sent=self._must_send_now())
+            if entry.sent:
+                self._run("do_savepoint", entry.name)
             entry.live = False
             self._stack.append(entry)
 
@@ -552,8 +638,11 @@ class Savepoints:
         insert; see :mod:`pytest_alchemy.statements`). A failed statement counts as a write:
         on PostgreSQL it aborts the transaction, and only ``ROLLBACK TO`` recovers from that.
         """
-        if self._stack and (statement is None or not proves_read_only(statement)):
-            self._stack[-1].writers.add(self._writer(party))
+        if statement is None or not proves_read_only(statement):
+            if self._clean:
+                self._send_deferred()
+            if self._stack:
+                self._stack[-1].writers.add(self._writer(party))
 
     def acting(self, session: int | None, kind: str = "") -> None:
         """The session whose flush or ORM execute this thread is running (None: done)."""
@@ -589,13 +678,14 @@ class Savepoints:
             if _DDL.match(statement):
                 sandbox.ran_ddl = True
             self.wrote(party, statement)
+            self.statements += 1
             sandbox.count(statement)
             problem = sandbox.check_transaction(statement, before=True)
             if problem is None:
                 try:
                     run()
                 except BaseException:
-                    self.wrote(party, None)
+                    self._failed(party)
                     raise
                 problem = sandbox.check_transaction(statement)
             if problem is not None:
@@ -608,7 +698,7 @@ class Savepoints:
         index = self._find(owner)
         if index is None:
             return  # rolled back already, with a savepoint below it
-        if index == 0 and not any(entry.live for entry in self._stack[1:]):
+        if index == 0 and self._stack[0].sent and not any(entry.live for entry in self._stack[1:]):
             self._check_deferred()  # the application's outermost commit
         self._stack[index].live = False
         if index == len(self._stack) - 1:
@@ -653,6 +743,9 @@ class Savepoints:
             low -= 1
         if low == len(stack) or (low == len(stack) - 1 and not stack[low].writers):
             return
+        if not stack[low].sent:  # deferred, and so is everything above it: nothing to send
+            del stack[low:]
+            return
         self._run("do_release_savepoint", stack[low].name)
         if low:  # what they held now belongs to the savepoint below
             for entry in stack[low:]:
@@ -684,6 +777,11 @@ class Savepoints:
             return
         stack = self._stack
         entry = stack[index]
+        if not entry.sent:  # nothing was written since the outer transaction began
+            if self._failed_clean:
+                self._restart_clean()
+            self.release(owner)
+            return
         above = stack[index + 1 :]
         mine = entry.writer
         if mine not in entry.writers and not any(mine in a.writers for a in above):
@@ -739,6 +837,8 @@ class Savepoints:
                 "sandbox cannot undo them. Drop the tables only at the end of the test (a "
                 "fixture's teardown costs nothing: the sandbox rolls back), or DELETE their rows."
             )
+        if self._clean:
+            self._send_deferred()
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             for statement in statements:
@@ -841,9 +941,21 @@ def install_savepoint_hooks(dialect: Dialect) -> None:
         lambda ledger, conn, name: ledger.rollback((conn, name)),
         ends=True,
     )
+    run_rollback = cls.do_rollback
+
+    def rollback(dbapi_connection: PoolProxiedConnection) -> None:
+        if id(dbapi_connection) not in _quiet_rollbacks:
+            run_rollback(dialect, dbapi_connection)
+
+    dialect.do_rollback = rollback  # type: ignore[method-assign]
     dialect.do_execute = executing("do_execute")  # type: ignore[method-assign]
     dialect.do_execute_no_params = executing("do_execute_no_params")  # type: ignore[method-assign]
     dialect.do_executemany = executing("do_executemany")  # type: ignore[method-assign]
+
+
+#: The pooled connections whose sandbox ends with nothing to roll back (see
+#: Sandbox.nothing_to_roll_back): SQLAlchemy's rollback sends nothing for them.
+_quiet_rollbacks: set[int] = set()
 
 
 def _let_end_out_of_order(connection: Connection, name: str) -> None:

@@ -1,0 +1,205 @@
+"""What a test costs under pytest with the plugin, as users run it: whole pytest processes.
+
+    .venv/bin/python benchmarks/overhead.py [--url URL] [--small N] [--large N] [--repeats N]
+
+Suites of tests that request a session and do nothing, against PostgreSQL (psycopg) with a
+50-table schema, run as pytest subprocesses, interleaved, ``--repeats`` times each. The cost
+per test is the slope between a ``--small`` and a ``--large`` suite (start-up, collection
+aside, provisioning cancel out), reported in ms over the same tests without any fixture:
+
+- recipe: the hand-written fixture (connect, ``begin()``, a ``create_savepoint`` Session;
+  close, rollback, close), on the same schema built once per run;
+- plugin: ``db_session``;
+- and the same for async tests (pytest-asyncio, one loop per session): ``async_db_session``
+  against the async recipe, on psycopg's async driver.
+
+Medians of the repeats; the machine is shared, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TABLES = 50
+MODELS = "\n".join(
+    [
+        "from sqlalchemy import ForeignKey, Integer, String",
+        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column",
+        "",
+        "",
+        "class Base(DeclarativeBase):",
+        "    pass",
+        "",
+    ]
+    + [
+        f"class T{n}(Base):\n"
+        f'    __tablename__ = "ov_t{n}"\n'
+        f"    id: Mapped[int] = mapped_column(Integer, primary_key=True)\n"
+        f"    name: Mapped[str] = mapped_column(String(20), index=True)\n"
+        + (
+            f'    parent_id: Mapped[int] = mapped_column(ForeignKey("ov_t{n - 1}.id"))\n'
+            if n
+            else ""
+        )
+        for n in range(TABLES)
+    ]
+)
+
+RECIPE = {
+    False: """
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from models import Base
+
+
+@pytest.fixture(scope="session")
+def engine():
+    engine = create_engine(URL)
+    with engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+        Base.metadata.create_all(connection)
+    yield engine
+    with engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine):
+    connection = engine.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    yield session
+    session.close()
+    transaction.rollback()
+    connection.close()
+""",
+    True: """
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from models import Base
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engine():
+    engine = create_async_engine(URL)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.drop_all)
+        await connection.run_sync(Base.metadata.create_all)
+    yield engine
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.drop_all)
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def session(engine):
+    connection = await engine.connect()
+    transaction = await connection.begin()
+    session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+    yield session
+    await session.close()
+    await transaction.rollback()
+    await connection.close()
+""",
+}
+
+INI = """[pytest]
+pythonpath = .
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = session
+asyncio_default_test_loop_scope = session
+"""
+
+
+def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: int) -> list[str]:
+    """Write one suite; the pytest arguments to run it with."""
+    root.mkdir(parents=True)
+    (root / "models.py").write_text(MODELS)
+    ini, flags, fixture = INI, ["-p", "no:alchemy"], ""
+    if variant == "recipe":
+        (root / "conftest.py").write_text(f"URL = {url!r}\n" + RECIPE[is_async])
+        fixture = "session"
+    elif variant == "plugin":
+        ini += f"alchemy_url = {url}\nalchemy_metadata = models:Base\n"
+        flags, fixture = [], "async_db_session" if is_async else "db_session"
+    (root / "pytest.ini").write_text(ini)
+    prefix = "async def" if is_async else "def"
+    (root / "test_many.py").write_text(
+        "".join(f"\n\n{prefix} test_{n}({fixture}):\n    pass\n" for n in range(count))
+    )
+    return flags
+
+
+def timed_run(root: Path, flags: list[str]) -> float:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    start = time.perf_counter()
+    done = subprocess.run([*command, *flags], cwd=root, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{root} failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--large", type=int, default=1200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sync-only", action="store_true")
+    args = parser.parse_args()
+    modes = [False] if args.sync_only else [False, True]
+    variants = ["bare", "recipe", "plugin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        suites = {}
+        for is_async in modes:
+            url = args.url.replace("+psycopg:", "+psycopg_async:") if is_async else args.url
+            for variant in variants:
+                for count in (args.small, args.large):
+                    root = Path(tmp) / f"{'async' if is_async else 'sync'}-{variant}-{count}"
+                    flags = write_suite(root, url, variant, is_async=is_async, count=count)
+                    suites[is_async, variant, count] = (root, flags)
+        times: dict[tuple[bool, str, int], list[float]] = {key: [] for key in suites}
+        for _ in range(args.repeats):  # interleaved: each round runs every suite once
+            for key, (root, flags) in suites.items():
+                times[key].append(timed_run(root, flags))
+    span = args.large - args.small
+    print(
+        f"ms per test over a fixture-less test (slope {args.small} -> {args.large} tests, "
+        f"median of {args.repeats}, one interleaved run)"
+    )
+    for is_async in modes:
+        slope = {
+            variant: 1000
+            * (
+                statistics.median(times[is_async, variant, args.large])
+                - statistics.median(times[is_async, variant, args.small])
+            )
+            / span
+            for variant in variants
+        }
+        bare = slope["bare"]
+        recipe, plugin = slope["recipe"] - bare, slope["plugin"] - bare
+        kind = "async" if is_async else "sync "
+        whole = statistics.median(times[is_async, "plugin", args.large]) / statistics.median(
+            times[is_async, "bare", args.large]
+        )
+        print(
+            f"{kind} bare {bare:.3f} ms/test; recipe +{recipe:.3f}; plugin +{plugin:.3f}; "
+            f"plugin/recipe {plugin / recipe:.2f}; suite of {args.large}: plugin/bare "
+            f"{whole:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

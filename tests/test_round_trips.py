@@ -1,0 +1,126 @@
+"""Round trips the sandbox adds to a test, counted through a loopback proxy (exact, not
+timed): what a test pays beyond its own statements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import turns
+from conftest import ASYNC_DRIVERS, SYNC_DRIVERS, Driver, project_for
+from sqlalchemy.engine import make_url
+
+SERVER_DRIVERS = [d for d in SYNC_DRIVERS + ASYNC_DRIVERS if d.backend != "sqlite"]
+
+CONFTEST = """
+import json
+
+import pytest
+import turns
+
+COUNTS = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = turns.ACTIVE.turns
+    try:
+        return (yield)
+    finally:
+        COUNTS[item.name.partition("_")[2].partition("_")[2]] = turns.ACTIVE.turns - before
+
+
+def pytest_sessionfinish(session):
+    with open("turns.json", "w") as out:
+        json.dump(COUNTS, out)
+"""
+
+SYNC_TESTS = """
+from sqlalchemy import text
+
+from models import Item
+
+
+def test_0_first(db_session):  # what a connection pays once: preparing, catalog queries
+    db_session.execute(text("SELECT 1"))
+    db_session.add(Item(name="a"))
+    db_session.commit()
+
+
+def test_1_untouched(db_session):
+    pass
+
+
+def test_2_select(db_session):
+    db_session.execute(text("SELECT 1"))
+
+
+def test_3_write(db_session):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+
+
+def test_4_twowrites(db_session):
+    db_session.add(Item(name="a"))
+    db_session.commit()
+    db_session.add(Item(name="b"))
+    db_session.commit()
+
+
+def test_5_after(db_session):
+    pass
+
+
+def test_6_last(db_session):
+    pass
+"""
+
+ASYNC_TESTS = (
+    SYNC_TESTS.replace("def test", "async def test")
+    .replace("(db_session)", "(async_db_session)")
+    .replace("db_session.execute", "await async_db_session.execute")
+    .replace("db_session.commit", "await async_db_session.commit")
+    .replace("db_session.add", "async_db_session.add")
+)
+
+#: What the test's own statements cost in production: the query; an INSERT and a COMMIT.
+OWN = {"untouched": 0, "select": 1, "write": 2, "twowrites": 4}
+
+#: Round trips the sandbox may add, per driver: a test that never uses its session, one that
+#: only reads, one that writes and commits. PostgreSQL's drivers send BEGIN as a round trip
+#: of their own (psycopg 3 with the first SAVEPOINT); every test that ran a statement ends
+#: with a ROLLBACK; a test that writes pays its first SAVEPOINT. asyncmy cannot tell whether a
+#: transaction is open, so its savepoints are sent at once and teardown asks the server.
+BUDGET = {
+    "postgresql-psycopg": (0, 2, 2),
+    "postgresql-psycopg2": (0, 2, 3),
+    "mysql-pymysql": (0, 1, 2),
+    "postgresql-asyncpg": (0, 2, 3),
+    "postgresql-psycopg_async": (0, 2, 3),
+    "mysql-asyncmy": (2, 2, 3),
+    "mysql-aiomysql": (0, 1, 2),
+}
+
+
+@pytest.mark.parametrize("driver", SERVER_DRIVERS, ids=lambda d: d.id)
+def test_the_sandbox_adds_at_most_its_budget_of_round_trips(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    url = make_url(project.url or "")
+    proxy = turns.TurnCounter((url.host or "127.0.0.1", url.port or 0))
+    turns.ACTIVE = proxy
+    project.url = url.set(port=proxy.port).render_as_string(hide_password=False)
+    project.ini("asyncio_mode = auto\n")
+    pytester.makeconftest(CONFTEST)
+    project.tests(ASYNC_TESTS if driver.is_async else SYNC_TESTS)
+    project.run().assert_outcomes(passed=7)
+    counts = json.loads((pytester.path / "turns.json").read_text())
+    added = {name: counts[name] - OWN[name] for name in OWN}
+    untouched, select, write = BUDGET[driver.id]
+    assert added["untouched"] <= untouched, counts
+    assert counts["after"] <= untouched, counts  # what a writing test left costs nothing
+    assert added["select"] <= select, counts
+    assert added["write"] <= write, counts
+    # Each further commit: the next SAVEPOINT, beyond the INSERT and the COMMIT.
+    assert counts["twowrites"] - counts["write"] <= 3, counts
