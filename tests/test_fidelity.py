@@ -453,3 +453,97 @@ def test_typo():
     )
     markers = project.run("--markers")
     markers.stdout.fnmatch_lines(["@pytest.mark.alchemy(**options): per-test options*"])
+
+
+# -- a query that fails before anything was written -------------------------------------------
+# The sandbox sends a session's SAVEPOINT only before its first write; a query that fails
+# before that (PostgreSQL then refuses everything until a rollback) is recovered from by the
+# session's rollback, as in production, and what was written outside the sandbox's sight (a raw
+# DBAPI cursor) before the session began is not undone by it.
+
+SYNC_FAILED_QUERY = """
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from models import Item
+
+BAD = "SELECT name FROM alchemy_no_such_table"
+
+
+def test_a_failed_query_then_the_rollback(db_session):
+    with pytest.raises(DBAPIError):
+        db_session.execute(text(BAD))
+    db_session.rollback()
+    db_session.add(Item(name="after"))
+    db_session.commit()
+    assert db_session.scalar(select(func.count()).select_from(Item)) == 1
+
+
+def test_a_failed_query_after_a_read(db_session):
+    assert db_session.scalar(select(func.count()).select_from(Item)) == 0
+    with pytest.raises(DBAPIError):
+        db_session.execute(text(BAD))
+    db_session.rollback()
+    assert db_session.scalar(select(func.count()).select_from(Item)) == 0
+
+
+@pytest.fixture
+def raw_row(db_connection):
+    cursor = db_connection.connection.dbapi_connection.cursor()
+    cursor.execute("INSERT INTO alchemy_item (name) VALUES ('raw')")
+    cursor.close()
+
+
+def test_a_raw_write_before_survives_the_rollback(raw_row, db_session):
+    with pytest.raises(DBAPIError):
+        db_session.execute(text(BAD))
+    db_session.rollback()
+    assert db_session.scalars(select(Item.name)).all() == ["raw"]
+
+
+def test_the_next_test_starts_clean(db_session):
+    assert db_session.scalar(select(func.count()).select_from(Item)) == 0
+"""
+
+ASYNC_FAILED_QUERY = """
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from models import Item
+
+pytestmark = pytest.mark.asyncio
+BAD = "SELECT name FROM alchemy_no_such_table"
+
+
+async def test_a_failed_query_then_the_rollback(async_db_session):
+    with pytest.raises(DBAPIError):
+        await async_db_session.execute(text(BAD))
+    await async_db_session.rollback()
+    async_db_session.add(Item(name="after"))
+    await async_db_session.commit()
+    assert await async_db_session.scalar(select(func.count()).select_from(Item)) == 1
+
+
+async def test_a_failed_query_after_a_read(async_db_session):
+    assert await async_db_session.scalar(select(func.count()).select_from(Item)) == 0
+    with pytest.raises(DBAPIError):
+        await async_db_session.execute(text(BAD))
+    await async_db_session.rollback()
+    assert await async_db_session.scalar(select(func.count()).select_from(Item)) == 0
+
+
+async def test_the_next_test_starts_clean(async_db_session):
+    assert await async_db_session.scalar(select(func.count()).select_from(Item)) == 0
+"""
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS + ASYNC_DRIVERS, ids=lambda d: d.id)
+def test_a_failed_query_before_any_write_is_recovered_as_in_production(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini()
+    project.tests(ASYNC_FAILED_QUERY if driver.is_async else SYNC_FAILED_QUERY)
+    project.run().assert_outcomes(passed=3 if driver.is_async else 4)

@@ -191,6 +191,8 @@ class AsyncSandbox:
                 await conn.rollback()
         restart_savepoint_names(conn.sync_connection)  # type: ignore[arg-type]
         self._transaction = await conn.begin()
+        if conn.dialect.name == "sqlite":
+            await conn.run_sync(dialects.begin_now)
         self.core.transaction = self._transaction.sync_transaction  # type: ignore[assignment]
         self.core.watch_transaction()
 

@@ -307,6 +307,20 @@ def _sqlite_send_begin(
         cursor.execute("BEGIN")
 
 
+def begin_now(connection: Connection) -> None:
+    """Send a BEGIN that waits for the transaction's first statement now: a sandbox's outer
+    transaction must be open before the test runs, for raw DBAPI cursors too, which
+    SQLAlchemy's events do not see (in autocommit, their writes would be committed)."""
+    info = connection.info
+    if info.get(_BEGIN_PENDING):
+        info[_BEGIN_PENDING] = False
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("BEGIN")
+        finally:
+            cursor.close()
+
+
 def _sqlite_transaction_ended(connection: Connection) -> None:
     if not connection.invalidated:  # an invalidated connection's pool record is gone
         connection.info.pop(_BEGIN_PENDING, None)

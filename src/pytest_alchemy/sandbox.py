@@ -300,6 +300,7 @@ class Sandbox:
                 self.connection.rollback()
         restart_savepoint_names(self.connection)
         self.transaction = self.connection.begin()
+        dialects.begin_now(self.connection)
         self.watch_transaction()
 
     def watch_transaction(self) -> None:
