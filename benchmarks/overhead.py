@@ -4,8 +4,9 @@
 
 Suites of tests that request a session and do nothing, against PostgreSQL (psycopg) with a
 50-table schema, run as pytest subprocesses, interleaved, ``--repeats`` times each. The cost
-per test is the slope between a ``--small`` and a ``--large`` suite (start-up, collection
-aside, provisioning cancel out), reported in ms over the same tests without any fixture:
+per test is the slope of the process's CPU time (user + system; the wall clock of a shared
+machine is too noisy) between a ``--small`` and a ``--large`` suite (start-up and
+provisioning cancel out), reported in ms over the same tests without any fixture:
 
 - recipe: the hand-written fixture (connect, ``begin()``, a ``create_savepoint`` Session;
   close, rollback, close), on the same schema built once per run;
@@ -19,11 +20,12 @@ Medians of the repeats; the machine is shared, so read the ratios.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 TABLES = 50
@@ -129,7 +131,7 @@ def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: in
     if variant == "recipe":
         (root / "conftest.py").write_text(f"URL = {url!r}\n" + RECIPE[is_async])
         fixture = "session"
-    elif variant == "plugin":
+    elif variant in ("plugin", "baseline"):
         ini += f"alchemy_url = {url}\nalchemy_metadata = models:Base\n"
         flags, fixture = [], "async_db_session" if is_async else "db_session"
     (root / "pytest.ini").write_text(ini)
@@ -140,14 +142,20 @@ def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: in
     return flags
 
 
-def timed_run(root: Path, flags: list[str]) -> float:
+def timed_run(root: Path, flags: list[str], source: str | None = None) -> float:
+    """The CPU time (user + system) of one pytest process: what the tests cost the machine,
+    much less disturbed than the wall clock by whatever else the shared machine runs.
+    ``source``: a directory to import pytest_alchemy from instead (an older checkout)."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-    start = time.perf_counter()
-    done = subprocess.run([*command, *flags], cwd=root, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
+    env = {**os.environ, "PYTHONPATH": source} if source else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        [*command, *flags], cwd=root, capture_output=True, text=True, check=False, env=env
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{root} failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
-    return elapsed
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -157,9 +165,14 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sync-only", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="also run the plugin imported from SRC (the src/ of another checkout), interleaved",
+    )
     args = parser.parse_args()
     modes = [False] if args.sync_only else [False, True]
-    variants = ["bare", "recipe", "plugin"]
+    variants = ["bare", "recipe", "plugin"] + (["baseline"] if args.baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
         suites = {}
         for is_async in modes:
@@ -172,10 +185,11 @@ def main() -> None:
         times: dict[tuple[bool, str, int], list[float]] = {key: [] for key in suites}
         for _ in range(args.repeats):  # interleaved: each round runs every suite once
             for key, (root, flags) in suites.items():
-                times[key].append(timed_run(root, flags))
+                source = args.baseline if key[1] == "baseline" else None
+                times[key].append(timed_run(root, flags, source))
     span = args.large - args.small
     print(
-        f"ms per test over a fixture-less test (slope {args.small} -> {args.large} tests, "
+        f"CPU ms per test over a fixture-less test (slope {args.small} -> {args.large} tests, "
         f"median of {args.repeats}, one interleaved run)"
     )
     for is_async in modes:
@@ -198,6 +212,7 @@ def main() -> None:
             f"{kind} bare {bare:.3f} ms/test; recipe +{recipe:.3f}; plugin +{plugin:.3f}; "
             f"plugin/recipe {plugin / recipe:.2f}; suite of {args.large}: plugin/bare "
             f"{whole:.2f}"
+            + (f"; baseline +{slope['baseline'] - bare:.3f}" if args.baseline else "")
         )
 
 

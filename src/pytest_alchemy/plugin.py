@@ -25,6 +25,7 @@ from pytest_alchemy.fixtures.common import (
     _COUNTERS_NEEDED,
     _ENGINE_SCHEMA,
     _ROUTER,
+    _RUNNING,
     _SETTINGS,
     _TARGET,
     _TEMPLATES_KEY,
@@ -193,6 +194,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Counters are read when a database is first used, if any test of the run resets them.
     config.stash[_COUNTERS_NEEDED] = markers.check(items, _defaults(config))
     config.stash[_SCHEMAS_OVERRIDDEN] = _check_schema_scopes(items)
+    for item in items:
+        _sync_fixtures.own_layers(item)
 
 
 #: Some test sees an alchemy_metadata fixture of the user's (a schema of its own).
@@ -229,6 +232,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING.append(item)  # for the fixtures that do not take request (_current_request)
     # anyio's runner is held across tests for one loop per run (aio.AnyioLease); a test on
     # another anyio backend gets it released first, so anyio starts that backend's runner.
     targets = item.config.stash.get(_TARGET, None)
@@ -261,6 +265,15 @@ def _switch_schema(item: pytest.Item) -> None:
     wanted = schemas[-1] if schemas else None
     if item.config.stash.get(_ENGINE_SCHEMA, None) is not wanted:
         fixturedef.finish(request)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        if _RUNNING and _RUNNING[-1] is item:
+            _RUNNING.pop()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,0 +1,133 @@
+"""The fixture layers under db_session (db_sessionmaker, db_connection, db_engine) stay
+overridable, and cost nothing while they are the plugin's own: db_session then does their
+work itself instead of pytest setting up three more fixtures per test."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SYNC_BACKENDS, Driver, Project, project_for
+
+SHARED = """
+from sqlalchemy import func, insert, select
+
+from models import Item
+
+
+def count(session):
+    return session.scalar(select(func.count()).select_from(Item))
+
+
+def test_session_first_then_the_connection(db_session, db_connection):
+    assert db_session.connection() is db_connection
+    db_connection.execute(insert(Item).values(name="core"))
+    db_session.add(Item(name="orm"))
+    db_session.commit()
+    assert count(db_session) == 2
+
+
+def test_a_fixture_wrote_through_the_connection(written, db_session):
+    assert db_session.scalars(select(Item.name)).all() == ["fixture"]
+
+
+def test_nothing_survives(db_session):
+    assert count(db_session) == 0
+"""
+
+SHARED_CONFTEST = """
+import pytest
+from sqlalchemy import insert
+
+from models import Item
+
+
+@pytest.fixture
+def written(db_connection):
+    db_connection.execute(insert(Item).values(name="fixture"))
+"""
+
+OVERRIDES = """
+import pytest
+from layer_calls import CALLED
+from sqlalchemy.orm import sessionmaker
+
+
+@pytest.fixture
+def db_sessionmaker(db_connection):
+    CALLED.append("db_sessionmaker")
+    return sessionmaker(
+        bind=db_connection, info={"made": "by the user"}, join_transaction_mode="create_savepoint"
+    )
+
+
+@pytest.fixture
+def db_connection(db_connection):
+    CALLED.append("db_connection")
+    return db_connection
+
+
+@pytest.fixture(scope="session")
+def db_engine(db_engine):
+    CALLED.append("db_engine")
+    return db_engine
+"""
+
+OVERRIDDEN_TESTS = """
+from sqlalchemy import func, select
+
+from layer_calls import CALLED
+from models import Item
+
+
+def test_the_users_layers_are_used(db_session):
+    assert db_session.info == {"made": "by the user"}
+    assert CALLED == ["db_engine", "db_connection", "db_sessionmaker"]
+    db_session.add(Item(name="a"))
+    db_session.commit()
+
+
+def test_and_still_roll_back(db_session):
+    assert db_session.scalar(select(func.count()).select_from(Item)) == 0
+"""
+
+
+def _project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
+    project = project_for(driver, scratch, pytester)
+    project.ini()
+    return project
+
+
+@pytest.mark.parametrize("driver", SYNC_BACKENDS, ids=lambda d: d.id)
+def test_db_session_and_db_connection_share_one_sandbox_in_any_order(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = _project(driver, scratch_databases, pytester)
+    pytester.makeconftest(SHARED_CONFTEST)
+    project.tests(SHARED)
+    project.run().assert_outcomes(passed=3)
+
+
+@pytest.mark.parametrize("driver", SYNC_BACKENDS, ids=lambda d: d.id)
+def test_db_session_uses_the_layers_a_directory_overrides(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = _project(driver, scratch_databases, pytester)
+    own = pytester.mkdir("own")
+    (own / "layer_calls.py").write_text("CALLED = []\n")
+    (own / "conftest.py").write_text(OVERRIDES)
+    (own / "test_own.py").write_text(OVERRIDDEN_TESTS)
+    pytester.makeconftest(SHARED_CONFTEST)
+    project.tests(SHARED)  # beside it, the plugin's own layers
+    project.run().assert_outcomes(passed=5)
+
+
+def test_the_plugins_own_layers_are_not_set_up_one_by_one(pytester: pytest.Pytester) -> None:
+    """What pytest sets up per test that asks for db_session: db_session alone (beside the
+    routing fixture), not db_sessionmaker, db_connection and db_engine, unless a layer is the
+    user's."""
+    project = Project(pytester, None)
+    project.ini()
+    project.tests("def test_one(db_session):\n    pass\n\n\ndef test_two(db_session):\n    pass\n")
+    shown = project.run("--setup-show")
+    shown.assert_outcomes(passed=2)
+    setups = [line.split()[-1] for line in shown.outlines if "SETUP    F" in line]
+    assert setups == ["_alchemy_routes", "db_session"] * 2, shown.outlines
