@@ -20,6 +20,7 @@ Medians of the repeats; the machine is shared, so read the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -115,6 +116,32 @@ async def session(engine):
 """,
 }
 
+#: Loaded into each run: how long each test's protocol (setup, call, teardown, reporting)
+#: took, written out at the end; the median over a run's tests ignores whatever else the
+#: machine did meanwhile.
+TIMING = """
+import json
+import time
+
+import pytest
+
+TIMES = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        TIMES.append(time.perf_counter() - start)
+
+
+def pytest_sessionfinish(session):
+    with open("times.json", "w") as out:
+        json.dump(TIMES[5:-1], out)  # the first tests provision, the last one cleans up
+"""
+
 INI = """[pytest]
 pythonpath = .
 asyncio_mode = auto
@@ -127,6 +154,7 @@ def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: in
     """Write one suite; the pytest arguments to run it with."""
     root.mkdir(parents=True)
     (root / "models.py").write_text(MODELS)
+    (root / "timing.py").write_text(TIMING)
     ini, flags, fixture = INI, ["-p", "no:alchemy"], ""
     if variant == "recipe":
         (root / "conftest.py").write_text(f"URL = {url!r}\n" + RECIPE[is_async])
@@ -142,11 +170,13 @@ def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: in
     return flags
 
 
-def timed_run(root: Path, flags: list[str], source: str | None = None) -> float:
+def timed_run(root: Path, flags: list[str], source: str | None = None) -> tuple[float, float]:
     """The CPU time (user + system) of one pytest process: what the tests cost the machine,
     much less disturbed than the wall clock by whatever else the shared machine runs.
-    ``source``: a directory to import pytest_alchemy from instead (an older checkout)."""
+    Also the median of the wall time each test took inside the run. ``source``: a directory to
+    import pytest_alchemy from instead (an older checkout)."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    command += ["-p", "timing"]
     env = {**os.environ, "PYTHONPATH": source} if source else None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
@@ -155,7 +185,9 @@ def timed_run(root: Path, flags: list[str], source: str | None = None) -> float:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{root} failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    per_test = statistics.median(json.loads((root / "times.json").read_text()))
+    return cpu, per_test
 
 
 def main() -> None:
@@ -182,38 +214,37 @@ def main() -> None:
                     root = Path(tmp) / f"{'async' if is_async else 'sync'}-{variant}-{count}"
                     flags = write_suite(root, url, variant, is_async=is_async, count=count)
                     suites[is_async, variant, count] = (root, flags)
-        times: dict[tuple[bool, str, int], list[float]] = {key: [] for key in suites}
+        cpu: dict[tuple[bool, str, int], list[float]] = {key: [] for key in suites}
+        each: dict[tuple[bool, str, int], list[float]] = {key: [] for key in suites}
         for _ in range(args.repeats):  # interleaved: each round runs every suite once
             for key, (root, flags) in suites.items():
                 source = args.baseline if key[1] == "baseline" else None
-                times[key].append(timed_run(root, flags, source))
+                used, per_test = timed_run(root, flags, source)
+                cpu[key].append(used)
+                each[key].append(per_test)
     span = args.large - args.small
     print(
-        f"CPU ms per test over a fixture-less test (slope {args.small} -> {args.large} tests, "
-        f"median of {args.repeats}, one interleaved run)"
+        f"ms per test over a fixture-less test, one interleaved run, {args.repeats} rounds: "
+        f"'each' = median time of a test inside the {args.large}-test runs; 'cpu' = slope of "
+        f"the process's CPU time {args.small} -> {args.large} tests"
     )
     for is_async in modes:
+        kind = "async" if is_async else "sync "
+        per = {v: 1000 * statistics.median(each[is_async, v, args.large]) for v in variants}
         slope = {
-            variant: 1000
+            v: 1000
             * (
-                statistics.median(times[is_async, variant, args.large])
-                - statistics.median(times[is_async, variant, args.small])
+                statistics.median(cpu[is_async, v, args.large])
+                - statistics.median(cpu[is_async, v, args.small])
             )
             / span
-            for variant in variants
+            for v in variants
         }
-        bare = slope["bare"]
-        recipe, plugin = slope["recipe"] - bare, slope["plugin"] - bare
-        kind = "async" if is_async else "sync "
-        whole = statistics.median(times[is_async, "plugin", args.large]) / statistics.median(
-            times[is_async, "bare", args.large]
-        )
-        print(
-            f"{kind} bare {bare:.3f} ms/test; recipe +{recipe:.3f}; plugin +{plugin:.3f}; "
-            f"plugin/recipe {plugin / recipe:.2f}; suite of {args.large}: plugin/bare "
-            f"{whole:.2f}"
-            + (f"; baseline +{slope['baseline'] - bare:.3f}" if args.baseline else "")
-        )
+        for name, figures in (("each", per), ("cpu ", slope)):
+            bare = figures["bare"]
+            cells = [f"{v} +{figures[v] - bare:.3f}" for v in variants if v != "bare"]
+            ratio = (figures["plugin"] - bare) / (figures["recipe"] - bare)
+            print(f"{kind} {name}: bare {bare:.3f}; {'; '.join(cells)}; plugin/recipe {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -121,13 +121,16 @@ def test_db_session_uses_the_layers_a_directory_overrides(
 
 
 def test_the_plugins_own_layers_are_not_set_up_one_by_one(pytester: pytest.Pytester) -> None:
-    """What pytest sets up per test that asks for db_session: db_session alone (beside the
-    routing fixture), not db_sessionmaker, db_connection and db_engine, unless a layer is the
-    user's."""
+    """What pytest sets up per test that asks for db_session: db_session alone, not
+    db_sessionmaker, db_connection and db_engine (unless a layer is the user's), nor the
+    routing fixture (unless something is routed)."""
     project = Project(pytester, None)
     project.ini()
-    project.tests("def test_one(db_session):\n    pass\n\n\ndef test_two(db_session):\n    pass\n")
+    project.tests(
+        "def test_one(db_session):\n    pass\n\n\ndef test_two(db_session):\n    pass\n\n\n"
+        "def test_a_unit_test_gets_no_fixture_of_the_plugin():\n    pass\n"
+    )
     shown = project.run("--setup-show")
-    shown.assert_outcomes(passed=2)
+    shown.assert_outcomes(passed=3)
     setups = [line.split()[-1] for line in shown.outlines if "SETUP    F" in line]
-    assert setups == ["_alchemy_routes", "db_session"] * 2, shown.outlines
+    assert setups == ["db_session", "db_session"], shown.outlines

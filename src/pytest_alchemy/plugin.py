@@ -33,7 +33,15 @@ from pytest_alchemy.fixtures.common import (
     _fixturedefs,
     _report,
 )
-from pytest_alchemy.fixtures.routes import _alchemy_routes, db_connections, db_route  # noqa: F401
+from pytest_alchemy.fixtures.routes import (  # noqa: F401
+    ROUTES,
+    _alchemy_routes,
+    add_routes,
+    db_connections,
+    db_route,
+    needs_routes,
+    report_escapes,
+)
 from pytest_alchemy.fixtures.sync import (  # noqa: F401
     _alchemy_target,
     alchemy_metadata,
@@ -180,6 +188,7 @@ def pytest_configure(config: pytest.Config) -> None:
     markers.register(config)
     settings = config.stash[_SETTINGS] = _config.resolve(config)
     router = config.stash[_ROUTER] = routing.Router(settings.engines, settings.block_unsandboxed)
+    router.on_added = _routes_for_the_test_being_set_up
     routing.push(router)
     config.pluginmanager.register(_async_fixtures(config), "alchemy-async-fixtures")
     if settings.engines:
@@ -230,8 +239,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         routing.pop(router)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
+#: The tests whose fixtures are being set up, innermost last.
+_SETTING_UP: list[pytest.Item] = []
+
+
+def _routes_for_the_test_being_set_up() -> None:
+    """route_engines() was called: a session fixture of the test being set up (an app
+    factory) routes its engines from this test on, as an autouse fixture would have."""
+    if _SETTING_UP and _RUNNING and _SETTING_UP[-1] is _RUNNING[-1]:
+        add_routes(_SETTING_UP[-1], during_setup=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     _RUNNING.append(item)  # for the fixtures that do not take request (_current_request)
     # anyio's runner is held across tests for one loop per run (aio.AnyioLease); a test on
     # another anyio backend gets it released first, so anyio starts that backend's runner.
@@ -244,6 +264,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             for target in targets.all():
                 target.loops.anyio.release()
     _switch_schema(item)
+    if needs_routes(item.config):
+        add_routes(item)
+    _SETTING_UP.append(item)
+    try:
+        return (yield)
+    finally:
+        _SETTING_UP.pop()
 
 
 def _switch_schema(item: pytest.Item) -> None:
@@ -274,6 +301,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     finally:
         if _RUNNING and _RUNNING[-1] is item:
             _RUNNING.pop()
+        # Without the routing fixture (nothing routed), which reports them itself: a commit
+        # through an engine that is not routed fails the test, after the database is restored.
+        if ROUTES not in getattr(item, "fixturenames", ()) and _ROUTER in item.config.stash:
+            report_escapes(item.config, [])
 
 
 @pytest.hookimpl(wrapper=True)

@@ -722,6 +722,9 @@ class Router:
         self.escapes = EscapeWatch(block)
         self._guards: dict[int, _Refusal] = {}
         self._following = Routes()  # only follows: guards what the objects make
+        #: Called when route_engines() adds objects (the plugin gives the running test its
+        #: routing fixture then).
+        self.on_added: Callable[[], None] | None = None
 
     def configured(self) -> bool:
         return bool(self.paths or self.added)
@@ -872,4 +875,7 @@ def route_engines(*objects: object) -> None:
         )
     for obj in objects:
         engines_of(obj)  # a TypeError now, rather than in every later test
-    _ROUTERS[-1].added.extend(objects)
+    router = _ROUTERS[-1]
+    router.added.extend(objects)
+    if router.on_added is not None:
+        router.on_added()
