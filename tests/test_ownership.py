@@ -505,3 +505,32 @@ def test_crashed_and_interrupted_xdist_runs_leave_nothing(project: Project, how:
         output = run.communicate(timeout=120)[0]
         assert "KeyboardInterrupt" in output, output
     assert _derived_databases(url, name) == []
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_database_another_run_created_meanwhile_is_theirs(
+    backend: str, scratch_databases: dict[str, str]
+) -> None:
+    """Two runs reaching one server by different addresses (127.0.0.1 and localhost, two CI
+    machines) share no lock file: both may see a name free and both CREATE it. The one whose
+    CREATE fails must take the database for the other's (Busy: it moves to names of its own),
+    never drop it, which used to end the other run's tests (DROP ... WITH (FORCE))."""
+    from sqlalchemy.engine import make_url
+
+    from pytest_alchemy import databases
+
+    if scratch_databases[backend].startswith("!"):
+        pytest.fail(scratch_databases[backend][1:], pytrace=False)
+    url = make_url(scratch_databases[backend])
+    name = f"{url.database}_taken"
+    server = databases._Server(url)
+    server.create(name)  # the other run's
+    try:
+        with pytest.raises(databases.Busy, match="just created by another run"):
+            server.create(name)
+        if backend == "postgresql":
+            with pytest.raises(databases.Busy):
+                server.create(name, template=url.database)
+        assert server.exists(name)
+    finally:
+        server.drop(name)

@@ -218,6 +218,17 @@ class Busy(Exception):
         super().__init__(f"{mask(url)} is in use by {self.holder}")
 
 
+class Taken(Busy):
+    """CREATE DATABASE failed because the database exists now: another run, reaching the
+    server by another address (no shared lock file), created it at the same moment. It is
+    that run's: never dropped by this one, which works on names of its own instead."""
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+        self.holder = "another run that created it at the same moment"
+        Exception.__init__(self, f"{mask(url)} was just created by {self.holder}")
+
+
 class _Server:
     """Create, find and drop databases on a server backend."""
 
@@ -257,8 +268,20 @@ class _Server:
             query = "SELECT datname FROM pg_database"
         return [str(n) for n in self.run(lambda c: c.execute(sql(query)).scalars().all())]
 
-    def create(self, name: str) -> None:
-        self.run(lambda c: c.exec_driver_sql(f"CREATE DATABASE {_quote(c, name)}"))
+    def create(self, name: str, template: str | None = None) -> None:
+        """CREATE DATABASE (from ``template``); :class:`Taken` if it failed because another
+        run created the database meanwhile."""
+
+        def create(c: Connection) -> None:
+            copy = f" TEMPLATE {_quote(c, template)}" if template else ""
+            c.exec_driver_sql(f"CREATE DATABASE {_quote(c, name)}{copy}")
+
+        try:
+            self.run(create)
+        except Exception:
+            if self.exists(name):
+                raise Taken(self.url.set(database=name)) from None
+            raise
 
     def drop(self, name: str) -> None:
         def drop(conn: Connection) -> None:
@@ -443,6 +466,8 @@ def provision(
             else:
                 _clone(template, target, server)
                 _mark(target, owner, recipe.fingerprint, fresh=True)
+        except Taken:
+            raise  # another run's: not touched
         except BaseException:
             _drop_quietly(target, server)  # half made by us: leave nothing behind
             raise
@@ -666,12 +691,7 @@ def _clone(template: URL, target: URL, server: _Server | None) -> None:
     if server is None:
         shutil.copyfile(template.database or "", target.database or "")
     elif server.family == "postgresql":
-        server.run(
-            lambda c: c.exec_driver_sql(
-                f"CREATE DATABASE {_quote(c, target.database or '')} "
-                f"TEMPLATE {_quote(c, template.database or '')}"
-            )
-        )
+        server.create(target.database or "", template.database or "")
     else:
         server.create(target.database or "")
         run_with_connection(
