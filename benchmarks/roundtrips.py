@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from recipes import RECIPE
 from turns import TurnCounter
 
 SERVERS = {"postgresql": ("127.0.0.1", 5432), "mysql": ("127.0.0.1", 3306)}
@@ -77,68 +78,6 @@ BODIES = {
 }
 OWN = {"untouched": 0, "select": 1, "insert+commit": 2, "2 commits": 4}
 
-RECIPE_SYNC = """
-import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
-
-from models import Base
-
-
-@pytest.fixture(scope="session")
-def engine():
-    engine = create_engine(URL)
-    with engine.begin() as connection:
-        Base.metadata.drop_all(connection)
-        Base.metadata.create_all(connection)
-    yield engine
-    with engine.begin() as connection:
-        Base.metadata.drop_all(connection)
-    engine.dispose()
-
-
-@pytest.fixture
-def session(engine):
-    connection = engine.connect()
-    transaction = connection.begin()
-    session = Session(bind=connection, join_transaction_mode="create_savepoint")
-    yield session
-    session.close()
-    transaction.rollback()
-    connection.close()
-"""
-
-RECIPE_ASYNC = """
-import pytest
-import pytest_asyncio
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-
-from models import Base
-
-
-@pytest_asyncio.fixture(scope="session")
-async def engine():
-    engine = create_async_engine(URL)
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.drop_all)
-        await connection.run_sync(Base.metadata.create_all)
-    yield engine
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.drop_all)
-    await engine.dispose()
-
-
-@pytest_asyncio.fixture
-async def session(engine):
-    connection = await engine.connect()
-    transaction = await connection.begin()
-    session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
-    yield session
-    await session.close()
-    await transaction.rollback()
-    await connection.close()
-"""
-
 INI = """[pytest]
 pythonpath = .
 asyncio_mode = auto
@@ -154,7 +93,7 @@ def write_suite(
     (root / "models.py").write_text(MODELS)
     ini = INI
     if recipe:
-        source = RECIPE_ASYNC if is_async else RECIPE_SYNC
+        source = RECIPE[is_async]
         (root / "conftest.py").write_text(f"URL = {url!r}\n" + source)
         fixture = "session"
         flags = ["-p", "no:alchemy"]
