@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/overhead.py [--url URL] [--small N] [--large N] [--repeats N]
 
 Suites of tests that request a session and do nothing, against PostgreSQL (psycopg) with a
-50-table schema, run as pytest subprocesses, interleaved, ``--repeats`` times each. The cost
-per test is the slope of the process's CPU time (user + system; the wall clock of a shared
-machine is too noisy) between a ``--small`` and a ``--large`` suite (start-up and
-provisioning cancel out), reported in ms over the same tests without any fixture:
+50-table schema, run as pytest subprocesses, interleaved, ``--repeats`` times each. Reported
+in ms over the same tests without any fixture, two ways: "each", the median time one test
+takes inside the ``--large`` run (setup, call, teardown, reporting: all of pytest's per-test
+work; the figure quoted, steady on a shared machine), and "cpu", the slope of the process's
+CPU time between a ``--small`` and a ``--large`` run (start-up and provisioning cancel out;
+it moved by +-0.3 ms per test between runs here):
 
 - recipe: the hand-written fixture (connect, ``begin()``, a ``create_savepoint`` Session;
   close, rollback, close), on the same schema built once per run;
