@@ -534,3 +534,53 @@ def test_a_database_another_run_created_meanwhile_is_theirs(
         assert server.exists(name)
     finally:
         server.drop(name)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_database_another_run_has_created_but_not_yet_marked_is_not_adopted(
+    backend: str, scratch_databases: dict[str, str]
+) -> None:
+    """Between one run's CREATE DATABASE and its marker, the database is empty and unmarked:
+    a run reaching the server by another address (no shared lock file) used to adopt it then,
+    and both ran on it. It now waits for the server's lock the creating run holds, then finds
+    the marker of a live run and moves to names of its own."""
+    import threading
+
+    from sqlalchemy.engine import make_url
+
+    from pytest_alchemy import databases, ownership
+
+    if scratch_databases[backend].startswith("!"):
+        pytest.fail(scratch_databases[backend][1:], pytrace=False)
+    url = make_url(scratch_databases[backend])
+    target = url.set(database=f"{url.database}_unmarked")
+    server = databases._Server(url)
+    creator = ownership.Owner("a" * 32, os.getpid())  # alive: this process
+    outcome: list[BaseException | databases.ProvisionedDatabase] = []
+    lines: list[str] = []
+
+    def other_run() -> None:
+        try:
+            owner = ownership.Owner("b" * 32, os.getpid())
+            outcome.append(databases.provision(target, owner, report=lines.append))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    server.drop(target.database or "")
+    try:
+        # The creating run, midway: its database exists, its marker not yet.
+        with ownership.server_lock(target.database or "", server.family, server.hold):
+            server.create(target.database or "")
+            other = threading.Thread(target=other_run)
+            other.start()
+            other.join(timeout=2)
+            assert other.is_alive(), f"did not wait for the creating run: {outcome}"
+            databases._mark(target, creator, None)
+        other.join(timeout=60)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], databases.Busy), outcome[0]
+        assert "run aaaaaaaa" in str(outcome[0])
+        assert databases._look(target).holder["run_id"] == creator.run_id
+    finally:
+        server.drop(target.database or "")
+    assert lines == [f"waiting for another run provisioning {target.database} on this server"]

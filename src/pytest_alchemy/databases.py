@@ -50,7 +50,7 @@ from pytest_alchemy.config import mask
 from pytest_alchemy.errors import ProvisioningError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterator
 
     from sqlalchemy.engine import URL, Connection
 
@@ -254,6 +254,18 @@ class _Server:
         assert error is not None
         raise error
 
+    def hold(self, fn: Callable[[Connection], None]) -> None:
+        """Run ``fn`` on a session of the server's own: MySQL's, or PostgreSQL's ``postgres``
+        database (never ``template1``, which would keep CREATE DATABASE from copying it). A
+        server without a ``postgres`` database runs nothing."""
+        url = self._admin_urls()[0]
+        try:
+            run_with_connection(url, fn, autocommit=True)
+        except Exception as exc:
+            if self.family == "postgresql" and "does not exist" in str(exc):
+                return
+            raise
+
     def exists(self, name: str) -> bool:
         if self.family == "mysql":
             query = "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = :name"
@@ -437,7 +449,9 @@ def provision(
 
     With a recipe the database is filled once per run: into ``template``, built if this run
     has not built it yet, then cloned for each worker. Workers take turns through a lock, so
-    the template is built by the first and only cloned by the others.
+    the template is built by the first and only cloned by the others. Runs on one server take
+    turns through the server's own lock too (:func:`pytest_alchemy.ownership.server_lock`):
+    no run finds a database another has just created, not yet marked, and adopts it.
 
     With ``reuse``, a database (or template) of ours whose recorded fingerprint matches the
     recipe's, and whose holder is gone, is used as it is, and kept at the end; one that does
@@ -448,7 +462,7 @@ def provision(
         return ProvisionedDatabase(target, created=False, adopted=False)
     server = _server(target)
     fingerprint = recipe.fingerprint if recipe is not None else None
-    with ownership.file_lock(template or target):
+    with _turn(template or target, report):
         trust = reuse and not recreate
         state = _claim(target, server, owner, fingerprint if trust else _NO_REUSE)
         if state == "reuse":
@@ -472,6 +486,23 @@ def provision(
             _drop_quietly(target, server)  # half made by us: leave nothing behind
             raise
     return ProvisionedDatabase(target, created=True, adopted=False, kept=reuse)
+
+
+@contextlib.contextmanager
+def _turn(held: URL, report: Callable[[str], None]) -> Iterator[None]:
+    """This process's turn at provisioning ``held``: no other process of this machine (the
+    file lock), nor run on its server (the server's lock), provisions it meanwhile."""
+    server = _server(held)
+    with (
+        ownership.file_lock(held),
+        ownership.server_lock(
+            held.database or "",
+            server.family if server else "",
+            server.hold if server else None,
+            report,
+        ),
+    ):
+        yield
 
 
 def _drop_quietly(url: URL, server: _Server | None) -> None:
@@ -775,7 +806,7 @@ def restore(
     """
     url = database.url
     server = _server(url)
-    with ownership.file_lock(template or url):
+    with _turn(template or url, report):
         if database.adopted:
             _empty_adopted(url, _look(url).recorded)
             _adopt(url, recipe, owner, report)

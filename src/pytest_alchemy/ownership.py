@@ -34,7 +34,7 @@ from pytest_alchemy.errors import ProvisioningError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from sqlalchemy.engine import URL
+    from sqlalchemy.engine import URL, Connection
 
 #: Seconds between two heartbeats of a live run on the databases it holds.
 HEARTBEAT_EVERY = 60.0
@@ -229,3 +229,85 @@ def file_lock(url: URL) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()
         lock.release()
+
+
+# -- locks between the runs on one server ----------------------------------------------------
+
+#: Seconds of one wait for a MySQL named lock, repeated until it is granted.
+_LOCK_WAIT = 5
+
+
+def _lock_key(name: str) -> bytes:
+    return hashlib.sha256(f"pytest-alchemy:{name}".encode()).digest()
+
+
+def _take(conn: Connection, family: str, name: str, report: Callable[[str], None]) -> None:
+    """Take the server's lock on ``name`` for ``conn``'s session, waiting as long as it takes;
+    says once that it waits."""
+    from sqlalchemy import text
+
+    key = _lock_key(name)
+    if family == "postgresql":
+        number = {"key": int.from_bytes(key[:8], "big", signed=True)}
+        if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), number).scalar():
+            report(f"waiting for another run provisioning {name} on this server")
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), number)
+        return
+    named = {"key": f"pytest_alchemy_{key.hex()[:40]}", "wait": 0}  # 64 characters at most
+    said = False
+    while conn.execute(text("SELECT GET_LOCK(:key, :wait)"), named).scalar() != 1:
+        if not said:
+            report(f"waiting for another run provisioning {name} on this server")
+            said = True
+        named["wait"] = _LOCK_WAIT
+
+
+@contextlib.contextmanager
+def server_lock(
+    name: str,
+    family: str,
+    run: Callable[[Callable[[Connection], None]], None] | None,
+    report: Callable[[str], None] = lambda line: None,
+) -> Iterator[None]:
+    """Serialize provisioning of the database ``name`` between runs on one server.
+
+    Runs reaching one server by different addresses (127.0.0.1 and localhost, two CI machines)
+    share no lock file: between one run's CREATE DATABASE and its marker, another would find
+    the new database empty and adopt it. The server's own lock (``pg_advisory_lock``,
+    MySQL's ``GET_LOCK``), held by a session that ``run`` opens on an administrative
+    database, closes that gap; the server releases it if the holder dies. ``run`` is None
+    where there is no such database to hold the session on: only the file lock serializes.
+    """
+    if run is None:
+        yield
+        return
+    taken = threading.Event()
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def hold(conn: Connection) -> None:
+        _take(conn, family, name, report)
+        taken.set()
+        done.wait()  # the server drops the lock with the session
+
+    def holder() -> None:
+        try:
+            run(hold)
+        except BaseException as exc:  # reported by the waiting thread
+            failed.append(exc)
+        finally:
+            taken.set()
+
+    # A thread of its own: the session stays open across the caller's work, whatever its
+    # driver (an async one runs on a private loop), and a daemon never delays the exit.
+    thread = threading.Thread(target=holder, name="pytest-alchemy-lock", daemon=True)
+    thread.start()
+    try:
+        taken.wait()
+        if failed:
+            raise failed[0]
+        yield
+    finally:
+        done.set()
+        if not failed:
+            thread.join(timeout=30)
