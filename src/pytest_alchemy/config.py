@@ -51,6 +51,7 @@ ALEMBIC_INI = "alchemy_alembic"
 ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
+COMMIT_LAST_INI = "alchemy_commit_tests_last"
 THREAD_WAIT_INI = "alchemy_thread_wait"
 DATABASES_INI = "alchemy_databases"
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -106,6 +107,7 @@ class Settings:
     async_session_class: str | None = None
     thread_wait: float = THREAD_WAIT_DEFAULT  # see sandbox.TurnLock
     databases: tuple[Database, ...] = ()  # the application's other databases
+    commit_tests_last: bool = True  # tests of the commit strategy run after the others
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ def resolve(config: pytest.Config) -> Settings:
         async_session_class=_one_path(config, sessions.ASYNC_CLASS_INI),
         thread_wait=_seconds(THREAD_WAIT_INI, config.getini(THREAD_WAIT_INI)),
         databases=_distinct(url, parse_databases(config.getini(DATABASES_INI))),
+        commit_tests_last=bool(config.getini(COMMIT_LAST_INI)),
     )
 
 

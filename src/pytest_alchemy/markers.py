@@ -17,8 +17,17 @@ if TYPE_CHECKING:
 
 NAME = "alchemy"
 
+#: The values of the ``strategy`` option: how the test is isolated.
+STRATEGIES = ("rollback", "commit")
+
 #: option -> (type, what it does)
 OPTIONS: dict[str, tuple[type, str]] = {
+    "strategy": (
+        str,
+        "how the test is isolated: 'rollback' (default: a sandbox, nothing is committed) or "
+        "'commit' (real commits other connections and processes see; the tables written are "
+        "restored after the test, which runs after the sandboxed ones)",
+    ),
     "reset_sequences": (
         bool,
         "put the id counters (sequences, AUTO_INCREMENT) of the tables the test inserted into "
@@ -32,6 +41,11 @@ class Options:
     """One test's options, the marker's merged over the ini's."""
 
     reset_sequences: bool = False
+    strategy: str = "rollback"
+
+    @property
+    def commits(self) -> bool:
+        return self.strategy == "commit"
 
 
 def register(config: pytest.Config) -> None:
@@ -64,6 +78,11 @@ def given(item: pytest.Item) -> dict[str, object]:
                 raise pytest.UsageError(
                     f"{where}: {option} must be a {kind.__name__}, got {value!r}."
                 )
+            if option == "strategy" and value not in STRATEGIES:
+                raise pytest.UsageError(
+                    f"{where}: strategy must be one of {', '.join(map(repr, STRATEGIES))}, "
+                    f"got {value!r}."
+                )
             found.setdefault(option, value)
     return found
 
@@ -72,9 +91,10 @@ def options_for(item: pytest.Item, defaults: Options) -> Options:
     given_here = given(item)
     return Options(
         reset_sequences=bool(given_here.get("reset_sequences", defaults.reset_sequences)),
+        strategy=str(given_here.get("strategy", defaults.strategy)),
     )
 
 
-def check(items: Sequence[pytest.Item], defaults: Options) -> bool:
-    """Validate every collected test's markers; whether any test resets counters."""
-    return any([options_for(item, defaults).reset_sequences for item in items])
+def check(items: Sequence[pytest.Item], defaults: Options) -> list[Options]:
+    """Validate every collected test's markers; each test's options, in order."""
+    return [options_for(item, defaults) for item in items]

@@ -18,8 +18,10 @@ from pytest_alchemy import config as _config
 from pytest_alchemy import markers, routing, sessions
 
 # The fixtures: pytest finds them in this module's namespace.
+from pytest_alchemy.fixtures import commit as _commit
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
+from pytest_alchemy.fixtures.commit import _alchemy_commit  # noqa: F401
 from pytest_alchemy.fixtures.common import (
     _CALL_FAILED,
     _COUNTERS_NEEDED,
@@ -176,6 +178,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "@pytest.mark.alchemy(reset_sequences=...).",
     )
     parser.addini(
+        _config.COMMIT_LAST_INI,
+        type="bool",
+        default=True,
+        help="Run the tests of @pytest.mark.alchemy(strategy='commit') after the others, in "
+        "each worker (default true).",
+    )
+    parser.addini(
         _config.METADATA_INI,
         type="linelist",
         default=[],
@@ -199,12 +208,24 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+@pytest.hookimpl(trylast=True)  # after reordering plugins (pytest-randomly): commit tests last
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    options = markers.check(items, _defaults(config))
     # Counters are read when a database is first used, if any test of the run resets them.
-    config.stash[_COUNTERS_NEEDED] = markers.check(items, _defaults(config))
+    config.stash[_COUNTERS_NEEDED] = any(o.reset_sequences for o in options)
     config.stash[_SCHEMAS_OVERRIDDEN] = _check_schema_scopes(items)
-    for item in items:
+    committing = []
+    for item, option in zip(items, options, strict=True):
         _sync_fixtures.own_layers(item)
+        if option.commits:
+            item.stash[_commit.COMMITS] = True
+            _commit.add_fixture(item)
+            committing.append(item)
+    if committing and config.stash[_SETTINGS].commit_tests_last:
+        # As Django runs its TransactionTestCases: a database left changed by one (a restore
+        # that failed) is never seen by a sandboxed test.
+        chosen = set(map(id, committing))
+        items[:] = [item for item in items if id(item) not in chosen] + committing
 
 
 #: Some test sees an alchemy_metadata fixture of the user's (a schema of its own).
@@ -266,6 +287,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     _switch_schema(item)
     if needs_routes(item.config):
         add_routes(item)
+    if item.stash.get(_commit.COMMITS, False):
+        _commit.start(item)
     _SETTING_UP.append(item)
     try:
         return (yield)
@@ -305,6 +328,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         # through an engine that is not routed fails the test, after the database is restored.
         if ROUTES not in getattr(item, "fixturenames", ()) and _ROUTER in item.config.stash:
             report_escapes(item.config, [])
+        if item.stash.get(_commit.COMMITS, False):
+            _commit.leave(item)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -322,6 +347,8 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     router = item.config.stash.get(_ROUTER, None)
     targets = item.config.stash.get(_TARGET, None)
     watch = router.escapes if router is not None else None
+    if item.stash.get(_commit.COMMITS, False):
+        watch = None  # its commits are real, by request
     if watch is not None and targets is not None and targets.known_urls:
         watch.watch(targets.known_urls, targets.known_base)
         watch.active = True

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
 
-from pytest_alchemy import databases, dialects, ephemeral, ownership, schema
+from pytest_alchemy import commits, databases, dialects, ephemeral, ownership, schema
 from pytest_alchemy.aio import LoopEngines, LoopState
 from pytest_alchemy.config import DATABASES_INI, Option, Setting, Settings, mask
 from pytest_alchemy.counters import Counters
@@ -96,6 +96,10 @@ class Target:
         )
         self.loops = LoopEngines(self._new_async_engine)
         self._counters: dict[object, Counters] = {}
+        #: The commit strategy's picture of each database, once a commit test used it.
+        self.snapshots: dict[str, commits.Snapshot] = {}
+        #: Called with (this target, key, URL) when a database is built (or built again).
+        self.on_ready: Callable[[Target, str, URL], None] | None = None
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class Target:
                 self._report(f"{busy}: this run uses {mask(url)} instead")
                 key = self._schema_key(url, None)
                 self._databases[key] = self._provision_at(url)
+            self._now_ready(key, url)
         return url, True
 
     def _template_for(self, url: URL) -> URL | None:
@@ -284,6 +289,10 @@ class Target:
         seed = schema.load_seed(self.settings.seed)
         return schema.recipe(metadatas, seed, self.settings, self.base)
 
+    def schema_key(self, url: URL, engine: object) -> str:
+        """Which database of this target ``url`` (and ``engine``, for memory) is."""
+        return self._schema_key(url, engine)
+
     def _schema_key(self, url: URL, engine: object) -> str:
         if dialects.is_memory(url):
             return f"memory:{id(engine)}"
@@ -315,6 +324,7 @@ class Target:
                 _run_sync(engine, recipe.fill)
                 self._report(f"built {recipe.describe} into {mask(url)}")
                 self._filled[key] = functools.partial(_run_sync, engine, recipe.empty)
+                self._now_ready(key, url)
         except Exception as exc:
             if engine is not None:
                 engine.dispose()
@@ -375,6 +385,7 @@ class Target:
                     self._filled[key] = functools.partial(
                         databases.run_with_connection, url, recipe.empty, autocommit=False
                     )
+                    self._now_ready(key, url)
             else:
                 async with engine.connect():
                     pass  # fail here, with the URL, rather than inside the first test
@@ -399,22 +410,25 @@ class Target:
         key = self._schema_key(url, engine)
         database = self._databases.get(key)
         if database is not None:
-            databases.restore(
-                database,
-                self.owner,
-                self._recipe,
-                self._template_for(database.url),
-                self._report,
-                reuse=self._reuse,
-            )
-            what = "cloned from the template again" if self._recipe else "created anew"
-            if database.adopted:
-                what = "emptied of what the plugin built there, and built again"
-            return f" The test database {mask(database.url)} was {what}, so no later test sees it."
+            return self._reprovision(database)
         if engine is None or (engine is not self._engine and key not in self._filled):
             return " The test database could not be restored (db_engine is overridden)."
         _run_sync(engine, self._rebuild)
         return f" The test database {mask(url)} was built again, so no later test sees it."
+
+    def _reprovision(self, database: databases.ProvisionedDatabase) -> str:
+        databases.restore(
+            database,
+            self.owner,
+            self._recipe,
+            self._template_for(database.url),
+            self._report,
+            reuse=self._reuse,
+        )
+        what = "cloned from the template again" if self._recipe else "created anew"
+        if database.adopted:
+            what = "emptied of what the plugin built there, and built again"
+        return f" The test database {mask(database.url)} was {what}, so no later test sees it."
 
     async def restore_async(self, engine: AsyncEngine) -> str:
         """:meth:`restore`, from an async test's teardown, on the loop of ``engine``."""
@@ -431,7 +445,81 @@ class Target:
             await conn.run_sync(self._rebuild)
         return f" The test database {mask(engine.url)} was built again, so no later test sees it."
 
+    # -- the commit strategy -------------------------------------------------------------------
+
+    def database_kind(self, url: URL, engine: object) -> str | None:
+        """What the database behind ``engine`` (at ``url``) is to the plugin: ``"own"`` (it
+        created it, or the default file), ``"adopted"`` (it existed, empty: only what the
+        plugin built there is its own), None (a database of the user's, or memory)."""
+        key = self._schema_key(url, engine)
+        database = self._databases.get(key)
+        if database is not None:
+            return "adopted" if database.adopted else "own"
+        default = self.base is None and not dialects.is_memory(url)
+        if key in self._filled or (default and key == self._schema_key(self.urls[0], None)):
+            return "own"  # the default file, in pytest's temporary directory
+        return None
+
+    def ready(self) -> dict[str, URL]:
+        """The databases of this target that are built, by key: provisioned, or filled."""
+        found = {key: database.url for key, database in self._databases.items()}
+        for key in self._filled:
+            found.setdefault(key, make_url(key))
+        return found
+
+    def _now_ready(self, key: str, url: URL) -> None:
+        hook = self.on_ready or (self._parent.on_ready if self._parent is not None else None)
+        if hook is not None:
+            hook(self, key, url)
+
+    def begin_commit_test(self, key: str, url: URL) -> None:
+        """Before a commit test: notes and snapshot (the first time), and the mark that a
+        commit test runs, on the plugin's own database ``key``; nothing on an adopted one."""
+        database = self._databases.get(key)
+        if database is not None and database.adopted:
+            return
+        schemas: set[str | None] = {None}
+        if self.settings.metadata or self.schema is not None:
+            schemas |= {t.schema for md in self.metadatas() for t in md.tables.values()}
+
+        def begin(conn: Connection) -> None:
+            if key not in self.snapshots:
+                self.snapshots[key] = commits.install(conn, schemas)
+            commits.begin(conn)
+
+        databases.run_with_connection(url, begin, autocommit=False)
+
+    def end_commit_test(self, key: str, url: URL) -> None:
+        """After a commit test: put back what it wrote on database ``key``: its tables one by
+        one, or the whole database when the test changed the schema (or it is adopted)."""
+        snapshot = self.snapshots.get(key)
+        if snapshot is None:
+            self.restore_whole(key, url)
+            return
+        try:
+            restored = databases.run_with_connection(
+                url, lambda conn: commits.restore(conn, snapshot), autocommit=False
+            )
+        except commits.SchemaChanged:
+            self.restore_whole(key, url)
+            return
+        after = commits.reset_after(snapshot, restored)
+        if after:
+            databases.run_with_connection(
+                url, lambda c: [c.exec_driver_sql(s) for s in after], autocommit=True
+            )
+
+    def restore_whole(self, key: str, url: URL) -> str:
+        """Make the database ``key`` anew (see :meth:`restore`); the sentence saying so."""
+        self._give_up_connections()
+        database = self._databases.get(key)
+        if database is not None:
+            return self._reprovision(database)
+        databases.run_with_connection(url, self._rebuild, autocommit=False)
+        return f" The test database {mask(url)} was built again, so no later test sees it."
+
     def _give_up_connections(self) -> None:
+        self.snapshots.clear()  # the database is made anew: notes and snapshot are gone
         if self._keeper is not None:
             self._keeper.close()
         if self._engine is not None:
@@ -545,6 +633,7 @@ class Targets:
                 databases=(),
             )
             found = self._named[name] = Target(settings, base._tmp_dir, base._report)
+            found.on_ready = base.on_ready
         return found
 
     def database_of(self, url: URL) -> tuple[str, str | None]:

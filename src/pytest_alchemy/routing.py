@@ -459,11 +459,59 @@ class _Refusal:
         self.engine.pool = self._pool
 
 
+class _Direct:
+    """An application engine reaching the test database itself, with real commits (a test of
+    the commit strategy), until :meth:`stop`: its pool is one of the test database's, through
+    the engine's own driver, so nothing it writes lands in the database its URL names."""
+
+    def __init__(self, engine: Engine, url: URL, is_async: bool) -> None:
+        from sqlalchemy.pool import NullPool
+
+        self.engine = engine
+        self._pool = engine.pool
+        url = url.set(drivername=engine.url.drivername)
+        if is_async:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            self._build = create_async_engine(url, poolclass=NullPool).sync_engine
+        else:
+            from sqlalchemy import create_engine
+
+            self._build = create_engine(url, poolclass=NullPool)
+        OWN_ENGINES.add(self._build)
+        if engine.dialect.server_version_info is None:
+            event.listen(self._build.pool, "connect", self._initialize)
+        engine.pool = self._build.pool
+
+    def _initialize(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        """The engine never connected: its dialect learns the server on the first connection,
+        as the engine's own first connect would have (inside the greenlet, for an async one)."""
+        from sqlalchemy.engine.base import Connection as Adhoc
+        from sqlalchemy.pool.base import _AdhocProxiedConnection
+
+        dialect = self.engine.dialect
+        if dialect.server_version_info is not None:
+            return
+        connection = Adhoc(
+            self.engine,
+            connection=_AdhocProxiedConnection(dbapi_connection, record),
+            _has_events=False,
+            _allow_revalidate=False,
+            _allow_autobegin=False,
+        )
+        dialect.initialize(connection)
+        dialect.do_rollback(connection.connection)
+
+    def stop(self) -> None:
+        self.engine.pool = self._pool
+        self._build.dispose()
+
+
 class Routes:
     """The routes of one test, stopped together when it ends."""
 
     def __init__(self) -> None:
-        self._routes: dict[int, Route | _Refusal] = {}
+        self._routes: dict[int, Route | _Refusal | _Direct] = {}
         self._following: dict[int, Callable[[], None]] = {}  # id(obj): undo
 
     def follow(self, objects: Iterable[object], reroute: Callable[[object], None]) -> None:
@@ -492,6 +540,12 @@ class Routes:
         route = Route(root, sandbox, replica_of)
         route.start()
         self._routes[id(root)] = route
+
+    def direct(self, engine: Engine, url: URL, is_async: bool) -> None:
+        """Point ``engine`` at the test database ``url`` itself, until the test ends."""
+        root = _root(engine)
+        if id(root) not in self._routes:
+            self._routes[id(root)] = _Direct(root, url, is_async)
 
     def refuse(self, engine: Engine, message: str) -> None:
         """Make ``engine`` raise ``message`` on connecting, until the test ends."""
