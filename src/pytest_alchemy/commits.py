@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import MetaData, Table, func, select
 from sqlalchemy import text as sql
 
+from pytest_alchemy import databases
 from pytest_alchemy.counters import Counters
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-WRITTEN_TABLE = "pytest_alchemy_written"
+WRITTEN_TABLE = databases.WRITTEN_TABLE
 #: The row that says a commit test is running: a database left with it was not restored.
 RUNNING = ""
 _TRIGGER = "pytest_alchemy_note"
