@@ -9,8 +9,8 @@ and for 10 tables written (3 inserts, one update, one delete, committed), it tim
 
 - restore: what the plugin runs after such a test (the written tables refilled, their
   counters set back), on a held connection;
-- plugin: the same as the plugin runs it around a test: a connection of its own to mark the
-  test as running, and one to restore;
+- plugin: all the plugin runs around a test: the mark that a test runs, then the restore,
+  each a checkout of the connection it keeps;
 - truncate-all: what a strategy that does not know what was written does (pytest-django's
   flush, Laravel's DatabaseTruncation): every table emptied (PostgreSQL: one ``TRUNCATE ...
   RESTART IDENTITY CASCADE``; MySQL: ``TRUNCATE`` each; SQLite: ``DELETE`` each), then the seed
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from sqlalchemy import (  # noqa: E402
+from sqlalchemy import (
     Column,
     ForeignKey,
     Integer,
@@ -42,10 +42,10 @@ from sqlalchemy import (  # noqa: E402
     text,
     update,
 )
-from sqlalchemy.engine import URL, Connection, make_url  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import NullPool
 
-from pytest_alchemy import commits, databases  # noqa: E402
+from pytest_alchemy import commits, databases
 
 SERVERS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -104,7 +104,6 @@ def truncate_all(conn: Connection, metadata: MetaData, backend: str) -> None:
     else:
         for table in reversed(tables):
             conn.execute(table.delete())
-        conn.exec_driver_sql("DELETE FROM sqlite_sequence")
     seed(conn, metadata)
     conn.execute(text(f"DELETE FROM {commits.WRITTEN_TABLE}"))
     conn.commit()
@@ -121,6 +120,7 @@ def run(backend: str, count: int, rounds: int) -> None:
         with engine.begin() as conn:
             snapshot = commits.install(conn, {None})
         tables = metadata.sorted_tables
+        committer = commits.Committer(url)
         times: dict[tuple[str, int], list[float]] = {}
         with engine.connect() as conn:
             for _ in range(rounds):
@@ -137,15 +137,8 @@ def run(backend: str, count: int, rounds: int) -> None:
 
                     write(conn, chosen)
                     started = time.perf_counter()
-                    databases.run_with_connection(url, commits.begin, autocommit=False)
-                    restored = databases.run_with_connection(
-                        url, lambda c: commits.restore(c, snapshot), autocommit=False
-                    )
-                    after = commits.reset_after(snapshot, restored)
-                    if after:
-                        databases.run_with_connection(
-                            url, lambda c: [c.exec_driver_sql(s) for s in after], autocommit=True
-                        )
+                    committer.run(commits.begin, autocommit=False)
+                    commits.restore_at(committer, snapshot)
                     times.setdefault(("plugin", written), []).append(time.perf_counter() - started)
 
                     write(conn, chosen)
@@ -165,6 +158,7 @@ def run(backend: str, count: int, rounds: int) -> None:
                 f"truncate-all {median['truncate-all']:7.1f} ms   "
                 f"truncate-all/plugin {median['truncate-all'] / median['plugin']:5.1f}x"
             )
+        committer.close()
     finally:
         engine.dispose()
         drop()  # type: ignore[operator]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import MetaData, Table, func, select
 from sqlalchemy import text as sql
@@ -36,7 +36,11 @@ from pytest_alchemy import databases
 from pytest_alchemy.counters import Counters
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import URL, Connection, Engine
+
+T = TypeVar("T")
 
 WRITTEN_TABLE = databases.WRITTEN_TABLE
 #: The row that says a commit test is running: a database left with it was not restored.
@@ -320,3 +324,56 @@ def _reset_sqlite_sequence(conn: Connection, snapshot: Snapshot, tables: list[Ta
                 sql("UPDATE sqlite_sequence SET seq = :v WHERE name = :n"),
                 {"v": value, "n": table.name},
             )
+
+
+class Committer:
+    """Runs the strategy's work on the database at ``url`` (begin, restore), on a connection
+    kept between tests: a new connection per test cost as much as the restore itself (MySQL's
+    dialect reads the server's settings on each new engine). Through the URL's sync twin; a
+    suite with only an async driver gets a connection of its own each time."""
+
+    def __init__(self, url: URL) -> None:
+        from sqlalchemy import create_engine
+
+        from pytest_alchemy import dialects
+        from pytest_alchemy.routing import OWN_ENGINES
+
+        self.url = url
+        self._engine: Engine | None = None
+        sync, options = dialects.engine_options(dialects.sync_twin(url))
+        if dialects.is_async(sync):
+            return
+        try:
+            self._engine = create_engine(sync, **options)
+        except Exception:  # the sync driver is not installed
+            return
+        OWN_ENGINES.add(self._engine)
+
+    def run(self, fn: Callable[[Connection], T], *, autocommit: bool) -> T:
+        if self._engine is None:
+            return databases.run_with_connection(self.url, fn, autocommit=autocommit)
+        with self._engine.connect() as conn:
+            if autocommit:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            result = fn(conn)
+            if not autocommit:
+                conn.commit()
+            return result
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def restore_at(committer: Committer, snapshot: Snapshot) -> None:
+    """:func:`restore` the database, then (MySQL) its counters. Raises
+    :class:`SchemaChanged` when the schema is not the snapshot's."""
+    restored = committer.run(lambda conn: restore(conn, snapshot), autocommit=False)
+    after = reset_after(snapshot, restored)
+    if after:
+
+        def reset(conn: Connection) -> None:
+            for statement in after:
+                conn.exec_driver_sql(statement)
+
+        committer.run(reset, autocommit=True)

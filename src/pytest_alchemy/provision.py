@@ -98,6 +98,7 @@ class Target:
         self._counters: dict[object, Counters] = {}
         #: The commit strategy's picture of each database, once a commit test used it.
         self.snapshots: dict[str, commits.Snapshot] = {}
+        self._committers: dict[str, commits.Committer] = {}
         #: Called with (this target, key, URL) when a database is built (or built again).
         self.on_ready: Callable[[Target, str, URL], None] | None = None
 
@@ -487,7 +488,13 @@ class Target:
                 self.snapshots[key] = commits.install(conn, schemas)
             commits.begin(conn)
 
-        databases.run_with_connection(url, begin, autocommit=False)
+        self._committer(key, url).run(begin, autocommit=False)
+
+    def _committer(self, key: str, url: URL) -> commits.Committer:
+        found = self._committers.get(key)
+        if found is None:
+            found = self._committers[key] = commits.Committer(url)
+        return found
 
     def end_commit_test(self, key: str, url: URL) -> None:
         """After a commit test: put back what it wrote on database ``key``: its tables one by
@@ -497,17 +504,9 @@ class Target:
             self.restore_whole(key, url)
             return
         try:
-            restored = databases.run_with_connection(
-                url, lambda conn: commits.restore(conn, snapshot), autocommit=False
-            )
+            commits.restore_at(self._committer(key, url), snapshot)
         except commits.SchemaChanged:
             self.restore_whole(key, url)
-            return
-        after = commits.reset_after(snapshot, restored)
-        if after:
-            databases.run_with_connection(
-                url, lambda c: [c.exec_driver_sql(s) for s in after], autocommit=True
-            )
 
     def restore_whole(self, key: str, url: URL) -> str:
         """Make the database ``key`` anew (see :meth:`restore`); the sentence saying so."""
@@ -520,6 +519,9 @@ class Target:
 
     def _give_up_connections(self) -> None:
         self.snapshots.clear()  # the database is made anew: notes and snapshot are gone
+        committers, self._committers = self._committers, {}
+        for committer in committers.values():
+            committer.close()
         if self._keeper is not None:
             self._keeper.close()
         if self._engine is not None:
@@ -544,6 +546,9 @@ class Target:
         """Close kept connections, drop the tables this run created; returns problems."""
         problems: list[str] = []
         self._heartbeats.stop()
+        for committer in self._committers.values():
+            committer.close()
+        self._committers.clear()
         if self._keeper is not None:
             self._keeper.close()
         try:
