@@ -304,13 +304,18 @@ def test_next_finds_the_seed_only(db_connection):
     "driver", subset(SYNC_BACKENDS, "postgresql-psycopg", "mysql-pymysql"), ids=lambda d: d.id
 )
 def test_a_restore_that_fails_fails_its_test_and_not_the_next(
-    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+    driver: Driver,
+    scratch_databases: dict[str, str],
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A connection left in a transaction on a written table keeps the restore from its
     locks: the restore gives up (after alchemy's lock timeout, 1 s here), the test that left
     it fails at teardown saying so, and the database is made anew for the next."""
     project = _project(driver, scratch_databases, pytester)
-    pytester.makeconftest("import pytest_alchemy.commits as c\nc.LOCK_TIMEOUT = 1\n")
+    from pytest_alchemy import commits
+
+    monkeypatch.setattr(commits, "LOCK_TIMEOUT", 1)  # the run is in this process
     project.tests(STUCK)
     result = project.run()
     result.assert_outcomes(passed=2, errors=1)

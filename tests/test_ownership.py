@@ -356,10 +356,6 @@ def test_another_hosts_database_is_left_while_its_heartbeat_is_recent(
 BEATING = """
 import time
 
-import pytest_alchemy.ownership
-
-pytest_alchemy.ownership.HEARTBEAT_EVERY = 0.1
-
 
 def test_lives_a_while(db_session):
     from sqlalchemy import text
@@ -371,8 +367,13 @@ def test_lives_a_while(db_session):
 
 
 def test_a_live_run_keeps_its_heartbeat_fresh(
-    scratch_databases: dict[str, str], pytester: pytest.Pytester
+    scratch_databases: dict[str, str], pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pytest_alchemy import ownership
+
+    # Set from here, and so undone after: the run is in this process, and a heartbeat every
+    # 0.1 s left behind added round trips to every later run in it (tests/test_round_trips.py).
+    monkeypatch.setattr(ownership, "HEARTBEAT_EVERY", 0.1)
     driver = next(d for d in DRIVERS if d.backend == "postgresql")
     project = project_for(driver, scratch_databases, pytester)
     project.ini()
