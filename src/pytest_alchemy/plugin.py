@@ -22,7 +22,6 @@ from pytest_alchemy.fixtures import commit as _commit
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
 from pytest_alchemy.fixtures.commit import _alchemy_commit  # noqa: F401
-from pytest_alchemy.fixtures.hooks import db_commits  # noqa: F401
 from pytest_alchemy.fixtures.common import (
     _CALL_FAILED,
     _COUNTERS_NEEDED,
@@ -36,6 +35,7 @@ from pytest_alchemy.fixtures.common import (
     _fixturedefs,
     _report,
 )
+from pytest_alchemy.fixtures.hooks import db_commits  # noqa: F401
 from pytest_alchemy.fixtures.routes import (  # noqa: F401
     ROUTES,
     _alchemy_routes,
