@@ -250,6 +250,20 @@ def test_changes_the_schema(db_connection):
     db_connection.commit()
 
 
+@pytest.fixture
+def fresh_tables(db_engine):
+    from models import Base
+
+    Base.metadata.drop_all(db_engine)  # their note triggers go with them
+    Base.metadata.create_all(db_engine)
+
+
+@commit
+def test_builds_the_tables_anew_in_a_fixture(fresh_tables, db_connection):
+    db_connection.execute(text("INSERT INTO alchemy_item (name) VALUES ('unnoted')"))
+    db_connection.commit()
+
+
 @commit
 def test_finds_the_schema_as_built(db_connection):
     from sqlalchemy import inspect
@@ -267,9 +281,11 @@ def test_finds_the_schema_as_built(db_connection):
 def test_a_schema_changed_by_a_commit_test_is_built_again(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
+    """A table or column created, a column added, or tables dropped and created again (which
+    loses their note triggers) by a commit test: the next finds the database as built."""
     project = _project(driver, scratch_databases, pytester)
     project.tests(SCHEMA_CHANGE)
-    project.run().assert_outcomes(passed=2)
+    project.run().assert_outcomes(passed=3)
 
 
 STUCK = (
@@ -434,3 +450,45 @@ def test_finds_the_seed_only(db_connection):
     result.assert_outcomes(passed=1)
     assert "reusing" not in result.stdout.str()
     project.run("test_after.py").assert_outcomes(passed=1)  # without reuse: dropped at the end
+
+
+XDIST = (
+    SEED_ONLY
+    + """
+import pytest
+from sqlalchemy import text
+
+commit = pytest.mark.alchemy(strategy="commit")
+
+
+@pytest.mark.parametrize("n", range(6))
+@commit
+def test_commits(db_connection, n):
+    seed_only(db_connection, text)
+    db_connection.execute(text(f"INSERT INTO alchemy_item (name) VALUES ('w{n}')"))
+    db_connection.commit()
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_sandboxed(db_connection, n):
+    seed_only(db_connection, text)
+    db_connection.execute(text(f"INSERT INTO alchemy_item (name) VALUES ('s{n}')"))
+"""
+)
+
+
+@pytest.mark.parametrize(
+    "driver", subset(SYNC_BACKENDS, "postgresql-psycopg", "mysql-pymysql"), ids=lambda d: d.id
+)
+def test_commit_tests_under_xdist_restore_each_workers_database(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """Under ``-n 2`` each worker restores its own database after each commit test: every
+    test finds the seed only, whichever worker ran the ones before it."""
+    project = _project(driver, scratch_databases, pytester)
+    project.tests(XDIST)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2", timeout=300
+    )
+    result.assert_outcomes(passed=10)
+    assert project.leftover_tables() == []

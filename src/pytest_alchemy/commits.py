@@ -66,6 +66,14 @@ SELECT COUNT(*), COALESCE(SUM(CRC32(CONCAT_WS('.', c.TABLE_NAME, c.COLUMN_NAME, 
        c.IS_NULLABLE, COALESCE(c.COLUMN_DEFAULT, '')))), 0)
 FROM information_schema.COLUMNS c WHERE c.TABLE_SCHEMA = DATABASE()
 """
+_PG_TRIGGERS = (
+    "SELECT count(*), 0 FROM pg_catalog.pg_trigger "
+    f"WHERE tgname = '{_TRIGGER}' AND NOT tgisinternal"
+)
+_MYSQL_TRIGGERS = (
+    "SELECT COUNT(*), 0 FROM information_schema.TRIGGERS "
+    f"WHERE TRIGGER_SCHEMA = DATABASE() AND LEFT(TRIGGER_NAME, {len(_TRIGGER)}) = '{_TRIGGER}'"
+)
 _SQLITE_DIGEST = "SELECT type, name, coalesce(sql, '') FROM sqlite_master ORDER BY type, name"
 
 
@@ -108,14 +116,15 @@ def _qualified(conn: Connection, table: Table) -> str:
 
 def digest(conn: Connection) -> str:
     """What changes when a table, column, view, sequence or index is created, altered or
-    dropped (one query)."""
+    dropped, and when a table lost its note trigger (dropped and created again, as a fixture's
+    ``drop_all``/``create_all`` does: its writes would go unnoted). One query."""
     backend = _backend(conn)
     if backend == "postgresql":
-        rows = conn.exec_driver_sql(_PG_DIGEST).all()
+        rows = conn.exec_driver_sql(f"{_PG_DIGEST} UNION ALL {_PG_TRIGGERS}").all()
     elif backend == "mysql":
-        rows = conn.exec_driver_sql(_MYSQL_DIGEST).all()
+        rows = conn.exec_driver_sql(f"{_MYSQL_DIGEST} UNION ALL {_MYSQL_TRIGGERS}").all()
     else:
-        rows = conn.exec_driver_sql(_SQLITE_DIGEST).all()
+        rows = conn.exec_driver_sql(_SQLITE_DIGEST).all()  # triggers are in sqlite_master
     return hashlib.sha256(repr([tuple(r) for r in rows]).encode()).hexdigest()
 
 
