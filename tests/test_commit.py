@@ -492,3 +492,48 @@ def test_commit_tests_under_xdist_restore_each_workers_database(
     )
     result.assert_outcomes(passed=10)
     assert project.leftover_tables() == []
+
+
+ASYNC_ROUTED = """
+import pytest
+from sqlalchemy import text
+
+import app
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.alchemy(strategy="commit")]
+
+
+async def test_app_commits():
+    async with app.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO alchemy_item (name) VALUES ('from the app')"))
+    async with app.engine.connect() as conn:
+        found = await conn.execute(text("SELECT count(*) FROM alchemy_item"))
+        assert found.scalar() == 2
+
+
+async def test_then_finds_the_seed_only():
+    async with app.engine.connect() as conn:
+        found = await conn.execute(text("SELECT name FROM alchemy_item"))
+        assert found.scalars().all() == ["seed"]
+"""
+
+
+@pytest.mark.parametrize("driver", ASYNC_BACKENDS, ids=lambda d: d.id)
+def test_the_applications_async_engines_commit_to_the_test_database(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    pytester.makepyfile(
+        seeds=SEEDS,
+        app=f"""
+from sqlalchemy.ext.asyncio import create_async_engine
+engine = create_async_engine({project.url!r})
+""",
+    )
+    project.ini("alchemy_seed = seeds:seed\nalchemy_engines = app:engine\n")
+    project.tests(ASYNC_ROUTED)
+    project.run().assert_outcomes(passed=2)
+    if driver.backend != "sqlite":
+        assert "alchemy_item" not in project.base_tables()
+    else:
+        assert not (pytester.path / "test.sqlite3").exists()
