@@ -36,7 +36,7 @@ from pytest_alchemy import databases
 from pytest_alchemy.counters import Counters
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from sqlalchemy.engine import URL, Connection, Engine
 
@@ -91,6 +91,8 @@ class Snapshot:
     counters: Counters
     digest: str
     sqlite_sequence: dict[str, int] = field(default_factory=dict)
+    #: The layers open now (see :func:`push_layer`), innermost last.
+    layers: list[_Layer] = field(default_factory=list)
 
     def table(self, schema: str | None, name: str) -> Table | None:
         key = f"{schema}.{name}" if schema else name
@@ -149,19 +151,20 @@ def install(conn: Connection, schemas: set[str | None]) -> Snapshot:
         rows = [dict(r) for r in conn.execute(select(table)).mappings()]
         if rows:
             seeds[table] = rows
-    sequence: dict[str, int] = {}
-    if (
-        backend == "sqlite"
-        and conn.exec_driver_sql(
-            "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
-        ).first()
-    ):
-        sequence = {
-            str(n): int(s) for n, s in conn.exec_driver_sql("SELECT name, seq FROM sqlite_sequence")
-        }
+    sequence = _sqlite_sequence(conn) if backend == "sqlite" else {}
     snapshot = Snapshot(backend, metadata, seeds, Counters.read(conn), digest(conn), sequence)
     conn.execute(sql(f"DELETE FROM {WRITTEN_TABLE}"))  # what a killed test noted
     return snapshot
+
+
+def _sqlite_sequence(conn: Connection) -> dict[str, int]:
+    if not conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
+    ).first():
+        return {}
+    return {
+        str(n): int(s) for n, s in conn.exec_driver_sql("SELECT name, seq FROM sqlite_sequence")
+    }
 
 
 def _install_postgresql(conn: Connection, tables: list[Table]) -> None:
@@ -231,9 +234,10 @@ def begin(conn: Connection) -> None:
     conn.execute(sql(f"INSERT INTO {WRITTEN_TABLE} VALUES ('', '{RUNNING}')"))
 
 
-def restore(conn: Connection, snapshot: Snapshot) -> list[str]:
-    """After a commit test: put back the tables it wrote (in one transaction the caller
-    commits, MySQL's counters after it); the names of the tables restored.
+def restore(conn: Connection, snapshot: Snapshot, also: Iterable[Table] = ()) -> list[str]:
+    """After a commit test: put back the tables it wrote, and ``also`` these (in one
+    transaction the caller commits, MySQL's counters after it); the names of the tables
+    restored.
 
     Raises :class:`SchemaChanged` when the schema is not the snapshot's.
     """
@@ -248,15 +252,7 @@ def restore(conn: Connection, snapshot: Snapshot) -> list[str]:
         )
     if digest(conn) != snapshot.digest:
         raise SchemaChanged
-    noted = conn.execute(sql(f"SELECT DISTINCT schema_name, table_name FROM {WRITTEN_TABLE}")).all()
-    tables: dict[Table, None] = {}
-    for schema, name in noted:
-        if name == RUNNING:
-            continue
-        table = snapshot.table(schema or None, name)
-        if table is None:  # not a table of the snapshot: the schema changed
-            raise SchemaChanged
-        tables[table] = None
+    tables = dict.fromkeys([*_noted(conn, snapshot), *also])
     if snapshot.backend == "mysql":  # a TRUNCATE fires no trigger: an emptied seed table
         for table, rows in snapshot.seeds.items():
             if table not in tables:
@@ -267,6 +263,71 @@ def restore(conn: Connection, snapshot: Snapshot) -> list[str]:
         _refill(conn, snapshot, list(tables))
     conn.execute(sql(f"DELETE FROM {WRITTEN_TABLE}"))
     return sorted(t.fullname for t in tables)
+
+
+def _noted(conn: Connection, snapshot: Snapshot) -> list[Table]:
+    """The tables the notes name; :class:`SchemaChanged` for one the snapshot does not know."""
+    noted = conn.execute(sql(f"SELECT DISTINCT schema_name, table_name FROM {WRITTEN_TABLE}")).all()
+    tables = []
+    for schema, name in noted:
+        if name == RUNNING:
+            continue
+        table = snapshot.table(schema or None, name)
+        if table is None:  # not a table of the snapshot: the schema changed
+            raise SchemaChanged
+        tables.append(table)
+    return tables
+
+
+@dataclass
+class _Layer:
+    """What a layer changed in the snapshot, to put back when its scope ends."""
+
+    tables: list[Table]
+    seeds: dict[Table, list[dict[str, Any]] | None]
+    counters: Counters
+    sqlite_sequence: dict[str, int]
+
+
+def push_layer(conn: Connection, snapshot: Snapshot) -> list[str]:
+    """A layer fixture has committed its rows: the tables it wrote, as they are now, and the
+    counters become what the tests of its scope (and commit tests there) are restored to.
+    The names of those tables."""
+    if digest(conn) != snapshot.digest:
+        raise SchemaChanged
+    tables = list(dict.fromkeys(_noted(conn, snapshot)))
+    snapshot.layers.append(
+        _Layer(
+            tables,
+            {t: snapshot.seeds.get(t) for t in tables},
+            snapshot.counters,
+            dict(snapshot.sqlite_sequence),
+        )
+    )
+    for table in tables:
+        rows = [dict(r) for r in conn.execute(select(table)).mappings()]
+        if rows:
+            snapshot.seeds[table] = rows
+        else:
+            snapshot.seeds.pop(table, None)
+    snapshot.counters = Counters.read(conn)
+    snapshot.sqlite_sequence = _sqlite_sequence(conn) if snapshot.backend == "sqlite" else {}
+    conn.execute(sql(f"DELETE FROM {WRITTEN_TABLE} WHERE table_name <> '{RUNNING}'"))
+    return sorted(t.fullname for t in tables)
+
+
+def pop_layer(conn: Connection, snapshot: Snapshot) -> list[str]:
+    """The scope of the last layer ended: its tables (and what was written since) go back to
+    what they were before it; the names of the tables restored."""
+    layer = snapshot.layers.pop()
+    for table, rows in layer.seeds.items():
+        if rows:
+            snapshot.seeds[table] = rows
+        else:
+            snapshot.seeds.pop(table, None)
+    snapshot.counters = layer.counters
+    snapshot.sqlite_sequence = layer.sqlite_sequence
+    return restore(conn, snapshot, also=layer.tables)
 
 
 def _referencing(snapshot: Snapshot, tables: list[Table]) -> list[Table]:
@@ -374,10 +435,14 @@ class Committer:
             self._engine.dispose()
 
 
-def restore_at(committer: Committer, snapshot: Snapshot) -> None:
-    """:func:`restore` the database, then (MySQL) its counters. Raises
-    :class:`SchemaChanged` when the schema is not the snapshot's."""
-    restored = committer.run(lambda conn: restore(conn, snapshot), autocommit=False)
+def restore_at(
+    committer: Committer,
+    snapshot: Snapshot,
+    step: Callable[[Connection, Snapshot], list[str]] = restore,
+) -> None:
+    """:func:`restore` the database (or :func:`pop_layer`), then (MySQL) its counters.
+    Raises :class:`SchemaChanged` when the schema is not the snapshot's."""
+    restored = committer.run(lambda conn: step(conn, snapshot), autocommit=False)
     after = reset_after(snapshot, restored)
     if after:
 

@@ -36,6 +36,7 @@ from pytest_alchemy.fixtures.common import (
     _report,
 )
 from pytest_alchemy.fixtures.hooks import db_commits  # noqa: F401
+from pytest_alchemy.fixtures.layers import db_layer  # noqa: F401
 from pytest_alchemy.fixtures.routes import (  # noqa: F401
     ROUTES,
     _alchemy_routes,

@@ -508,6 +508,26 @@ class Target:
         except commits.SchemaChanged:
             self.restore_whole(key, url)
 
+    def push_layer(self, key: str, url: URL) -> None:
+        """A layer fixture committed its rows on database ``key`` (see commits.py); the
+        sandboxes' id counters are read again (they are put back to the layer's values)."""
+        snapshot = self.snapshots[key]
+        self._committer(key, url).run(
+            lambda conn: commits.push_layer(conn, snapshot), autocommit=False
+        )
+        self._counters.pop(database_key(url), None)
+
+    def pop_layer(self, key: str, url: URL) -> None:
+        """The scope of the last layer on database ``key`` ended: undo it."""
+        snapshot = self.snapshots.get(key)
+        self._counters.pop(database_key(url), None)
+        if snapshot is None or not snapshot.layers:
+            return  # the database was made anew meanwhile (an escape): nothing of it is left
+        try:
+            commits.restore_at(self._committer(key, url), snapshot, commits.pop_layer)
+        except commits.SchemaChanged:
+            self.restore_whole(key, url)
+
     def restore_whole(self, key: str, url: URL) -> str:
         """Make the database ``key`` anew (see :meth:`restore`); the sentence saying so."""
         self._give_up_connections()
