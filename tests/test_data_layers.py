@@ -224,3 +224,39 @@ def test_x(rows):
     result = project.run()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*function-scoped fixture 'rows': a layer outlives tests*"])
+
+
+XDIST = """
+import pytest
+from sqlalchemy import select
+
+from models import Item
+
+
+@pytest.fixture(scope="module")
+def items(db_layer, request):
+    with db_layer(request) as session:
+        session.add(Item(name="layer"))
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_sees_the_layer_only(db_session, items, n):
+    assert sorted(db_session.scalars(select(Item.name)).all()) == ["layer", "seed"]
+    db_session.add(Item(name=f"w{n}"))
+    db_session.commit()
+"""
+
+
+def test_a_layer_under_xdist_is_each_workers(
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """Under ``-n 2`` each worker writes the layer into its own database and undoes it there."""
+    driver = subset(SYNC_BACKENDS, "postgresql-psycopg")[0]
+    project = _project(driver, scratch_databases, pytester)
+    project.tests(XDIST, name="test_a")
+    project.tests(AFTER, name="test_b")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2", timeout=300
+    )
+    result.assert_outcomes(passed=8)
+    assert project.leftover_tables() == []
