@@ -139,9 +139,27 @@ async def test_finds_the_seed_only(async_db_connection):
 
 
 def _project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
+    """A project with the seed rows of SEEDS."""
     project = project_for(driver, scratch, pytester)
     pytester.makepyfile(seeds=SEEDS)
     project.ini("alchemy_seed = seeds:seed\n")
+    return project
+
+
+def routed_project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
+    """A project with the seed rows of SEEDS and an application module ``app`` whose engine
+    (on the project's own URL) and sessionmaker are in alchemy_engines."""
+    project = project_for(driver, scratch, pytester)
+    pytester.makepyfile(
+        seeds=SEEDS,
+        app=f"""
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+engine = create_engine({project.url!r})
+Session = sessionmaker(engine)
+""",
+    )
+    project.ini("alchemy_seed = seeds:seed\nalchemy_engines = app:engine\n")
     return project
 
 
@@ -214,17 +232,7 @@ def test_the_applications_engines_commit_to_the_test_database(
 ) -> None:
     """An engine of alchemy_engines, made on the application's own URL, reaches the test
     database with real commits in a commit test: never the database its URL names."""
-    project = project_for(driver, scratch_databases, pytester)
-    pytester.makepyfile(
-        seeds=SEEDS,
-        app=f"""
-from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
-engine = create_engine({project.url!r})
-Session = sessionmaker(engine)
-""",
-    )
-    project.ini("alchemy_seed = seeds:seed\nalchemy_engines = app:engine\n")
+    project = routed_project(driver, scratch_databases, pytester)
     project.tests(ROUTED)
     project.run().assert_outcomes(passed=2)
     if driver.backend != "sqlite":

@@ -10,10 +10,9 @@ from conftest import (
     SYNC_BACKENDS,
     Driver,
     Project,
-    project_for,
     subset,
 )
-from test_commit import SEEDS
+from test_commit import _project, routed_project
 
 LAYERED = """
 import pytest
@@ -102,13 +101,6 @@ def test_after_the_module_ids_start_where_the_seed_left_them(db_session):
 """
 
 
-def _project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
-    project = project_for(driver, scratch, pytester)
-    pytester.makepyfile(seeds=SEEDS)
-    project.ini("alchemy_seed = seeds:seed\n")
-    return project
-
-
 @pytest.mark.parametrize("driver", SYNC_BACKENDS, ids=lambda d: d.id)
 def test_a_layer_is_seen_by_its_scope_and_undone_after_it(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
@@ -190,17 +182,7 @@ def test_and_not_what_it_wrote_in_the_test_before(items):
 def test_the_applications_engines_see_a_layer(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
-    project = project_for(driver, scratch_databases, pytester)
-    pytester.makepyfile(
-        seeds=SEEDS,
-        app=f"""
-from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
-engine = create_engine({project.url!r})
-Session = sessionmaker(engine)
-""",
-    )
-    project.ini("alchemy_seed = seeds:seed\nalchemy_engines = app:engine\n")
+    project = routed_project(driver, scratch_databases, pytester)
     project.tests(ROUTED_LAYERED)
     project.run().assert_outcomes(passed=2)
 

@@ -203,15 +203,7 @@ def _install_mysql(conn: Connection, tables: list[Table]) -> None:
         f"CREATE TABLE IF NOT EXISTS {WRITTEN_TABLE} (schema_name VARCHAR(64) NOT NULL, "
         f"table_name VARCHAR(64) NOT NULL) ENGINE=InnoDB"
     )
-    for table in tables:
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            trigger = _trigger_name(table, event)
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
-            conn.exec_driver_sql(
-                f"CREATE TRIGGER {trigger} AFTER {event} ON {_qualified(conn, table)} "
-                f"FOR EACH ROW INSERT INTO {WRITTEN_TABLE} "
-                f"VALUES ('', {_literal(table.name)})"
-            )
+    _row_triggers(conn, tables, "FOR EACH ROW {note}")
 
 
 def _install_sqlite(conn: Connection, tables: list[Table]) -> None:
@@ -219,13 +211,20 @@ def _install_sqlite(conn: Connection, tables: list[Table]) -> None:
         f"CREATE TABLE IF NOT EXISTS {WRITTEN_TABLE} (schema_name TEXT NOT NULL, "
         f"table_name TEXT NOT NULL)"
     )
+    _row_triggers(conn, tables, "BEGIN {note}; END")
+
+
+def _row_triggers(conn: Connection, tables: list[Table], body: str) -> None:
+    """A trigger per table and kind of write (MySQL and SQLite have row triggers only), whose
+    ``body`` wraps the ``{note}`` statement."""
     for table in tables:
+        note = f"INSERT INTO {WRITTEN_TABLE} VALUES ('', {_literal(table.name)})"
         for event in ("INSERT", "UPDATE", "DELETE"):
             trigger = _trigger_name(table, event)
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
             conn.exec_driver_sql(
                 f"CREATE TRIGGER {trigger} AFTER {event} ON {_qualified(conn, table)} "
-                f"BEGIN INSERT INTO {WRITTEN_TABLE} VALUES ('', {_literal(table.name)}); END"
+                + body.format(note=note)
             )
 
 
