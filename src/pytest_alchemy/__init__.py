@@ -7,12 +7,15 @@ from pytest_alchemy.errors import (
     DatabaseUnavailableError,
     DriverMissingError,
     EventLoopMismatchError,
+    NPlusOneWarning,
     ProvisioningError,
     ReadOnlyReplicaError,
     SandboxBrokenError,
     SchemaConflictError,
     UnsandboxedEngineError,
 )
+from pytest_alchemy.fixtures.queries import Queries
+from pytest_alchemy.queries import Query
 from pytest_alchemy.routing import route_engines
 
 __version__ = "0.1.0"
@@ -22,7 +25,10 @@ __all__ = [
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",
+    "NPlusOneWarning",
     "ProvisioningError",
+    "Queries",
+    "Query",
     "ReadOnlyReplicaError",
     "SandboxBrokenError",
     "SchemaConflictError",

@@ -52,6 +52,9 @@ ENGINES_INI = "alchemy_engines"
 BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 COMMIT_LAST_INI = "alchemy_commit_tests_last"
+NPLUSONE_INI = "alchemy_nplusone"
+#: The values of ini alchemy_nplusone and of the marker option nplusone.
+NPLUSONE_MODES = ("off", "warn", "fail")
 THREAD_WAIT_INI = "alchemy_thread_wait"
 DATABASES_INI = "alchemy_databases"
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -108,6 +111,7 @@ class Settings:
     thread_wait: float = THREAD_WAIT_DEFAULT  # see sandbox.TurnLock
     databases: tuple[Database, ...] = ()  # the application's other databases
     commit_tests_last: bool = True  # tests of the commit strategy run after the others
+    nplusone: str = "off"  # N+1 detection: the default of the marker option of the same name
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,19 @@ def resolve(config: pytest.Config) -> Settings:
         thread_wait=_seconds(THREAD_WAIT_INI, config.getini(THREAD_WAIT_INI)),
         databases=_distinct(url, parse_databases(config.getini(DATABASES_INI))),
         commit_tests_last=bool(config.getini(COMMIT_LAST_INI)),
+        nplusone=_nplusone(config.getini(NPLUSONE_INI)),
     )
+
+
+def _nplusone(value: object) -> str:
+    mode = str(value or "off").strip().lower()
+    if mode not in NPLUSONE_MODES:
+        raise pytest.UsageError(
+            f"ini {NPLUSONE_INI} = {value!r}: must be one of "
+            f"{', '.join(NPLUSONE_MODES)} (N+1 queries are ignored, warned about, or fail "
+            f"the test)."
+        )
+    return mode
 
 
 def _distinct(url: Setting, databases: tuple[Database, ...]) -> tuple[Database, ...]:

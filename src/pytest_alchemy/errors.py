@@ -11,6 +11,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",
+    "NPlusOneWarning",
     "ProvisioningError",
     "ReadOnlyReplicaError",
     "SandboxBrokenError",
@@ -56,3 +57,8 @@ class UnsandboxedEngineError(AlchemyError):
 
 class ReadOnlyReplicaError(AlchemyError):
     """A write was sent through an engine that ``alchemy_databases`` names a read replica."""
+
+
+class NPlusOneWarning(UserWarning):
+    """A relationship was lazy-loaded once per row (N+1 queries): ini ``alchemy_nplusone =
+    warn`` or ``@pytest.mark.alchemy(nplusone="warn")``."""

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_alchemy.config import NPLUSONE_MODES
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -33,6 +35,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "put the id counters (sequences, AUTO_INCREMENT) of the tables the test inserted into "
         "back to the template's values after the test (default: ini alchemy_reset_sequences)",
     ),
+    "nplusone": (
+        str,
+        "'warn' or 'fail' when the test lazy-loads a relationship once per row (N+1 queries), "
+        "'off' to ignore them (default: ini alchemy_nplusone)",
+    ),
 }
 
 
@@ -42,6 +49,7 @@ class Options:
 
     reset_sequences: bool = False
     strategy: str = "rollback"
+    nplusone: str = "off"
 
     @property
     def commits(self) -> bool:
@@ -83,6 +91,11 @@ def given(item: pytest.Item) -> dict[str, object]:
                     f"{where}: strategy must be one of {', '.join(map(repr, STRATEGIES))}, "
                     f"got {value!r}."
                 )
+            if option == "nplusone" and value not in NPLUSONE_MODES:
+                raise pytest.UsageError(
+                    f"{where}: nplusone must be one of {', '.join(map(repr, NPLUSONE_MODES))}, "
+                    f"got {value!r}."
+                )
             found.setdefault(option, value)
     return found
 
@@ -92,6 +105,7 @@ def options_for(item: pytest.Item, defaults: Options) -> Options:
     return Options(
         reset_sequences=bool(given_here.get("reset_sequences", defaults.reset_sequences)),
         strategy=str(given_here.get("strategy", defaults.strategy)),
+        nplusone=str(given_here.get("nplusone", defaults.nplusone)),
     )
 
 

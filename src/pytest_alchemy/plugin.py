@@ -19,6 +19,7 @@ from pytest_alchemy import markers, routing, sessions
 
 # The fixtures: pytest finds them in this module's namespace.
 from pytest_alchemy.fixtures import commit as _commit
+from pytest_alchemy.fixtures import queries as _queries
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
 from pytest_alchemy.fixtures.commit import _alchemy_commit  # noqa: F401
@@ -37,6 +38,7 @@ from pytest_alchemy.fixtures.common import (
 )
 from pytest_alchemy.fixtures.hooks import db_commits  # noqa: F401
 from pytest_alchemy.fixtures.layers import db_layer  # noqa: F401
+from pytest_alchemy.fixtures.queries import db_queries  # noqa: F401
 from pytest_alchemy.fixtures.routes import (  # noqa: F401
     ROUTES,
     _alchemy_routes,
@@ -187,6 +189,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "each worker (default true).",
     )
     parser.addini(
+        _config.NPLUSONE_INI,
+        default="off",
+        help="N+1 detection: 'warn' or 'fail' when a test lazy-loads one relationship once per "
+        "row from one place; 'off' (default). Per test: @pytest.mark.alchemy(nplusone=...).",
+    )
+    parser.addini(
         _config.METADATA_INI,
         type="linelist",
         default=[],
@@ -219,6 +227,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     committing = []
     for item, option in zip(items, options, strict=True):
         _sync_fixtures.own_layers(item)
+        if option.nplusone != "off":
+            item.stash[_queries.NPLUSONE] = option.nplusone
         if option.commits:
             item.stash[_commit.COMMITS] = True
             _commit.add_fixture(item)
@@ -354,11 +364,16 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     if watch is not None and targets is not None and targets.known_urls:
         watch.watch(targets.known_urls, targets.known_base)
         watch.active = True
+    recorder = _queries.start(item)
+    passed = False
     try:
-        return (yield)
+        result = yield
+        passed = True
     finally:
         if watch is not None:
             watch.active = False
+        _queries.finish(item, recorder, passed=passed)
+    return result
 
 
 def _engine_guard() -> types.ModuleType:
