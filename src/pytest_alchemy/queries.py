@@ -16,13 +16,14 @@ Nothing is installed while no recorder is on: tests that do not ask cost nothing
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 import sysconfig
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ _VERB = re.compile(r"\s*\(*\s*(\w+)")
 _MAIN_VERB = re.compile(r"\)\s*(INSERT|UPDATE|DELETE|SELECT)\b", re.I)
 
 
+@functools.lru_cache(maxsize=512)
 def _kind(statement: str) -> str:
     """``select``, ``insert``, ``update``, ``delete``, or the statement's first keyword."""
     found = _VERB.match(statement)
@@ -54,6 +56,7 @@ def _kind(statement: str) -> str:
     return verb
 
 
+@functools.lru_cache(maxsize=512)
 def _tables(statement: str) -> frozenset[str]:
     """The tables a statement names (lower case, without schema or quotes)."""
     names = set()
@@ -80,12 +83,17 @@ class Query:
     executemany: bool = False
     #: Seconds the driver took (None if it failed).
     duration: float | None = None
-    kind: str = field(init=False)
-    tables: frozenset[str] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.kind = _kind(self.statement)
-        self.tables = _tables(self.statement)
+    @property
+    def kind(self) -> str:
+        """``select``, ``insert``, ``update``, ``delete``, or the statement's first keyword
+        (lower case)."""
+        return _kind(self.statement)
+
+    @property
+    def tables(self) -> frozenset[str]:
+        """The tables the statement names (lower case, without schema or quotes)."""
+        return _tables(self.statement)
 
     @property
     def shape(self) -> str:
@@ -137,13 +145,17 @@ _STDLIB = tuple(
 _PACKAGES: tuple[str, ...] | None = None
 _PLUGIN_DIR = ""
 
-_APP, _THIRD_PARTY, _LIBRARY, _PLUGIN = 0, 1, 2, 3
+_APP, _THIRD_PARTY, _LIBRARY, _PLUGIN, _INTROSPECTING, _LAZY_LOAD = range(6)
 _code_kinds: dict[CodeType, int] = {}
+
+#: SQLAlchemy functions whose statements are schema introspection (with its reflection.py).
+_INTROSPECTION = {"first_connect", "initialize", "_get_server_version_info"}
 
 
 def _code_kind(code: CodeType) -> int:
     """Whose code it is: the application's, another installed package's, a library the call
-    site is never in (SQLAlchemy, greenlet, the standard library), or this plugin's."""
+    site is never in (SQLAlchemy, greenlet, the standard library), or this plugin's; and the
+    library functions that matter: introspection, a relationship's lazy load."""
     found = _code_kinds.get(code)
     if found is not None:
         return found
@@ -157,6 +169,10 @@ def _code_kind(code: CodeType) -> int:
         kind = _PLUGIN
     elif real.startswith(_PACKAGES) or path.startswith("<"):
         kind = _LIBRARY  # "<frozen ...>", "<string>" of SQLAlchemy's generated code
+        if code.co_name in _INTROSPECTION or path.endswith("reflection.py"):
+            kind = _INTROSPECTING
+        elif code.co_name == "_load_for_state":
+            kind = _LAZY_LOAD
     elif "-packages" in real:
         kind = _THIRD_PARTY
     elif real.startswith(_STDLIB):
@@ -165,9 +181,6 @@ def _code_kind(code: CodeType) -> int:
         kind = _APP
     _code_kinds[code] = kind
     return kind
-
-
-_INTROSPECTION = {"first_connect", "initialize", "_get_server_version_info"}
 
 
 @dataclass
@@ -201,39 +214,47 @@ def origin(frame: FrameType | None) -> _Origin:
     first frame of the application's code; else of another installed package."""
     found = _Origin()
     fallback: FrameType | None = None
+    kinds = _code_kinds
     for each in _frames(frame):
         code = each.f_code
-        kind = _code_kind(code)
+        kind = kinds.get(code)
+        if kind is None:
+            kind = _code_kind(code)
+        if kind == _LIBRARY:
+            continue
         if kind == _APP:
             fallback = each
             break
         if kind == _THIRD_PARTY:
             fallback = fallback or each
-            continue
-        if kind == _PLUGIN:
+        elif kind == _LAZY_LOAD:
+            if found.relationship is None:
+                prop = getattr(each.f_locals.get("self"), "parent_property", None)
+                if prop is not None:
+                    found.relationship = str(prop)
+                    found.collection = bool(getattr(prop, "uselist", False))
+        else:  # the plugin's own statements, schema introspection
             found.own = True
             return found
-        name = code.co_name
-        if name in _INTROSPECTION or code.co_filename.endswith("reflection.py"):
-            found.own = True
-            return found
-        if name == "_load_for_state" and found.relationship is None:
-            prop = getattr(each.f_locals.get("self"), "parent_property", None)
-            if prop is not None:
-                found.relationship = str(prop)
-                found.collection = bool(getattr(prop, "uselist", False))
     if fallback is not None:
         found.where = f"{_relative(fallback.f_code.co_filename)}:{fallback.f_lineno}"
         found.function = fallback.f_code.co_name
     return found
 
 
+_relatives: dict[str, str] = {}
+
+
 def _relative(path: str) -> str:
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return path
-    return path if relative.startswith("..") else relative
+    """``path`` relative to the working directory, where it is below it."""
+    found = _relatives.get(path)
+    if found is None:
+        try:
+            relative = os.path.relpath(path)
+        except ValueError:  # another drive (Windows)
+            relative = path
+        found = _relatives[path] = path if relative.startswith("..") else relative
+    return found
 
 
 # -- the recorder -------------------------------------------------------------------------
