@@ -19,10 +19,27 @@ def header(pytester: pytest.Pytester, *args: str, env: str | None = None) -> lis
     return [line for line in result.outlines if line.startswith("alchemy:")]
 
 
-def test_url_default_is_a_sqlite_file_in_pytest_tmp(pytester: pytest.Pytester) -> None:
-    assert header(pytester) == [
-        "alchemy: url=sqlite:///<pytest tmp>/alchemy.sqlite3 (from the default)"
-    ]
+def test_an_unconfigured_plugin_says_nothing_until_used(pytester: pytest.Pytester) -> None:
+    """Without configuration the report header has no line of the plugin's, and the ORM is not
+    imported by it (a suite of unit tests pays nothing); the first test that uses the database
+    says where the tests run: a SQLite file in pytest's temporary directory."""
+    project = Project(pytester, None)
+    project.ini(metadata=False)
+    project.tests(
+        """
+        import sys
+
+        def test_unit():
+            assert "sqlalchemy.orm" not in sys.modules
+
+        def test_database(db_session):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-s")
+    result.assert_outcomes(passed=2)
+    lines = [line for line in result.outlines if "alchemy:" in line]
+    assert lines == ["alchemy: url=sqlite:///<pytest tmp>/alchemy.sqlite3 (from the default)"]
 
 
 def test_url_from_ini(pytester: pytest.Pytester) -> None:

@@ -330,8 +330,18 @@ def test_the_seed_is_built_once_and_every_test_sees_it(seeded_project: Project) 
 
 @ONE_PER_BACKEND
 def test_xdist_workers_clone_one_template_built_once(seeded_project: Project) -> None:
+    """One worker builds the template, saying so before and after (on standard error, which
+    is the terminal's under xdist); the other clones it."""
     result = seeded_project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=4)
+    result.stderr.fnmatch_lines(
+        [
+            "alchemy [[]gw?[]]: building the schema of models:Base and the rows of seeding:seed"
+            " (2 tables) into *_template* ...",
+            "alchemy [[]gw?[]]: built the schema of models:Base * into *_template* in *s",
+        ]
+    )
+    assert result.stderr.str().count("building the schema") == 1
     assert seed_calls(seeded_project) == 1  # by one worker; the other cloned its template
     assert seeded_project.leftover_tables() == []
     assert not template_left(seeded_project)

@@ -113,6 +113,20 @@ class Settings:
     commit_tests_last: bool = True  # tests of the commit strategy run after the others
     nplusone: str = "off"  # N+1 detection: the default of the marker option of the same name
 
+    @property
+    def configured(self) -> bool:
+        """Whether the suite configured the plugin (a URL, a schema, engines, ...): only then
+        does it appear in the report header."""
+        return bool(
+            self.url.source != "default"
+            or self.async_url.source != "default"
+            or self.metadata
+            or self.alembic
+            or self.seed
+            or self.engines
+            or self.databases
+        )
+
 
 @dataclass(frozen=True)
 class Database:

@@ -731,6 +731,7 @@ def _fill(
     report: Callable[[str], None],
     then: Callable[[Connection], None] | None,
 ) -> None:
+    report(f"building {recipe.describe} into {mask(url)} ...")
     started = time.perf_counter()
     recipe.apply(url, then)
     report(f"built {recipe.describe} into {mask(url)} in {time.perf_counter() - started:.2f}s")

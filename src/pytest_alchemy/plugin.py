@@ -447,4 +447,5 @@ def _clear_workers_leftovers(settings: _config.Settings) -> list[str]:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return _config.describe(config.stash[_SETTINGS])
+    settings = config.stash[_SETTINGS]
+    return _config.describe(settings) if settings.configured else []

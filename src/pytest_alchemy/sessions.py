@@ -41,6 +41,8 @@ def _allowed() -> list[str]:
 def parse_options(lines: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """``key = value`` lines as keyword arguments; a usage error naming a bad one."""
     found: dict[str, Any] = {}
+    if not any(line.strip() for line in lines):
+        return ()  # the ORM is imported when a session is first made, not at start-up
     allowed = _allowed()
     for line in lines:
         if not line.strip():
