@@ -212,8 +212,12 @@ class Project:
     def tests(self, source: str, name: str = "test_app") -> None:
         self.pytester.makepyfile(**{name: textwrap.dedent(source)})
 
-    def run(self, *args: str, subprocess: bool = False) -> pytest.RunResult:
+    def run(
+        self, *args: str, subprocess: bool = False, factoryboy: bool = False
+    ) -> pytest.RunResult:
         base = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist")
+        if not factoryboy:  # its autouse fixture shows in --setup-show; only where it is used
+            base += ("-p", "no:pytest-factoryboy")
         if subprocess:
             return self.pytester.runpytest_subprocess(*base, *args, timeout=300)
         return self.pytester.runpytest_inprocess(*base, *args)

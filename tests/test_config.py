@@ -36,7 +36,10 @@ def test_an_unconfigured_plugin_says_nothing_until_used(pytester: pytest.Pyteste
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-s")
+    # pytest-factoryboy's own plugin imports factory_boy, which imports the ORM
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:pytest-factoryboy", "-s"
+    )
     result.assert_outcomes(passed=2)
     lines = [line for line in result.outlines if "alchemy:" in line]
     assert lines == ["alchemy: url=sqlite:///<pytest tmp>/alchemy.sqlite3 (from the default)"]

@@ -448,7 +448,7 @@ def test_typo():
     result.stderr.fnmatch_lines(
         [
             "*@pytest.mark.alchemy on test_app.py::test_typo: unknown option 'reset_sequence'. "
-            "Valid options: strategy, reset_sequences.*"
+            "Valid options: strategy, reset_sequences, nplusone.*"
         ]
     )
     markers = project.run("--markers")

@@ -940,7 +940,7 @@ FLASK_FACTORY_TESTS = """
 import pytest
 import pytest_alchemy
 
-from factory import create_app, db
+from appfactory import create_app, db
 
 
 @pytest.fixture(scope="session")
@@ -962,7 +962,7 @@ def test_and_nothing_survives(app):
 
 
 def test_a_flask_app_factory_routed_with_route_engines(sync_backend: Project) -> None:
-    _app(sync_backend, FLASK_FACTORY, "factory")
+    _app(sync_backend, FLASK_FACTORY, "appfactory")
     sync_backend.ini()
     sync_backend.tests(FLASK_FACTORY_TESTS)
     sync_backend.run().assert_outcomes(passed=2)
@@ -982,7 +982,7 @@ FLASK_FACTORY_PER_TEST_TESTS = """
 import pytest
 from sqlalchemy import func, select
 
-from factory import create_app
+from appfactory import create_app
 from models import Item
 
 
@@ -1010,8 +1010,8 @@ def test_and_nothing_survives(app):
 def test_an_app_made_per_test_joins_the_sandbox_as_its_engines_are_made(
     sync_backend: Project,
 ) -> None:
-    _app(sync_backend, FLASK_FACTORY_PER_TEST, "factory")
-    sync_backend.ini("alchemy_engines = factory:db\n")
+    _app(sync_backend, FLASK_FACTORY_PER_TEST, "appfactory")
+    sync_backend.ini("alchemy_engines = appfactory:db\n")
     sync_backend.tests(FLASK_FACTORY_PER_TEST_TESTS)
     sync_backend.run().assert_outcomes(passed=3)
     assert sync_backend.leftover_tables() == []
@@ -1026,7 +1026,7 @@ FLASK_FACTORY_CREATE_ALL = FLASK_FACTORY.replace(
 FLASK_SESSION_FACTORY_TESTS = """
 import pytest
 
-from factory import create_app
+from appfactory import create_app
 
 
 @pytest.fixture(scope="session")
@@ -1042,8 +1042,8 @@ def test_uses_the_app(app):
 def test_an_app_made_outside_tests_never_reaches_its_own_database(sync_backend: Project) -> None:
     """Its engines are guarded as they are made: the factory's use of the database is refused,
     saying why, instead of reaching the database its settings name."""
-    _app(sync_backend, FLASK_FACTORY_CREATE_ALL, "factory")
-    sync_backend.ini("alchemy_engines = factory:db\n")
+    _app(sync_backend, FLASK_FACTORY_CREATE_ALL, "appfactory")
+    sync_backend.ini("alchemy_engines = appfactory:db\n")
     sync_backend.tests(FLASK_SESSION_FACTORY_TESTS)
     result = sync_backend.run()
     result.assert_outcomes(errors=1)

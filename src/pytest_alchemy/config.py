@@ -53,6 +53,7 @@ BLOCK_INI = "alchemy_block_unsandboxed"
 RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 COMMIT_LAST_INI = "alchemy_commit_tests_last"
 NPLUSONE_INI = "alchemy_nplusone"
+FACTORIES_INI = "alchemy_factories"
 #: The values of ini alchemy_nplusone and of the marker option nplusone.
 NPLUSONE_MODES = ("off", "warn", "fail")
 THREAD_WAIT_INI = "alchemy_thread_wait"
@@ -112,6 +113,7 @@ class Settings:
     databases: tuple[Database, ...] = ()  # the application's other databases
     commit_tests_last: bool = True  # tests of the commit strategy run after the others
     nplusone: str = "off"  # N+1 detection: the default of the marker option of the same name
+    factories: tuple[str, ...] = ()  # factory modules and base classes bound to the sandbox
 
     @property
     def configured(self) -> bool:
@@ -280,6 +282,7 @@ def resolve(config: pytest.Config) -> Settings:
         databases=_distinct(url, parse_databases(config.getini(DATABASES_INI))),
         commit_tests_last=bool(config.getini(COMMIT_LAST_INI)),
         nplusone=_nplusone(config.getini(NPLUSONE_INI)),
+        factories=tuple(p.strip() for p in config.getini(FACTORIES_INI) if p.strip()),
     )
 
 

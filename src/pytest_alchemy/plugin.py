@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_alchemy import config as _config
-from pytest_alchemy import markers, routing, sessions
 
 # The fixtures: pytest finds them in this module's namespace.
+from pytest_alchemy import examples as _examples
+from pytest_alchemy import markers, routing, sessions
 from pytest_alchemy.fixtures import commit as _commit
+from pytest_alchemy.fixtures import factories as _factories
 from pytest_alchemy.fixtures import queries as _queries
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
@@ -189,6 +191,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "each worker (default true).",
     )
     parser.addini(
+        _config.FACTORIES_INI,
+        type="linelist",
+        default=[],
+        help="Modules of factories, or factory base classes ('module:Class'), of factory_boy "
+        "(SQLAlchemyModelFactory) or polyfactory (SQLAlchemyFactory) whose objects are created "
+        "through each test's db_session / async_db_session.",
+    )
+    parser.addini(
         _config.NPLUSONE_INI,
         default="off",
         help="N+1 detection: 'warn' or 'fail' when a test lazy-loads one relationship once per "
@@ -229,6 +239,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _sync_fixtures.own_layers(item)
         if option.nplusone != "off":
             item.stash[_queries.NPLUSONE] = option.nplusone
+        if not option.commits:
+            _examples.wrap(item)
         if option.commits:
             item.stash[_commit.COMMITS] = True
             _commit.add_fixture(item)
@@ -238,6 +250,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # that failed) is never seen by a sandboxed test.
         chosen = set(map(id, committing))
         items[:] = [item for item in items if id(item) not in chosen] + committing
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _factories.install(session.config.stash[_SETTINGS])
 
 
 #: Some test sees an alchemy_metadata fixture of the user's (a schema of its own).

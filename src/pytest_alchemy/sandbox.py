@@ -763,7 +763,10 @@ class Savepoints:
             finally:
                 self._abandon = False
 
-    def rollback(self, owner: object) -> None:
+    def rollback(self, owner: object, *, everyone: bool = False) -> None:
+        """Roll back ``owner``'s savepoint (see the class). With ``everyone``, the plugin's
+        own rollback (a Hypothesis example's end): whoever wrote above it, it is undone,
+        and that is no problem of the test's."""
         # A drop recorded since a savepoint opened (a later open would have sent it) is undone
         # with the transaction that dropped the tables; another party's rollback leaves it,
         # as it would on a connection of its own.
@@ -785,7 +788,7 @@ class Savepoints:
             return
         above = stack[index + 1 :]
         mine = entry.writer
-        if mine not in entry.writers and not any(mine in a.writers for a in above):
+        if not everyone and mine not in entry.writers and not any(mine in a.writers for a in above):
             # Its party wrote nothing since it opened (a read-only session closing, perhaps
             # late): nothing to undo, and what others wrote inside it stays.
             self.release(owner)
@@ -805,7 +808,7 @@ class Savepoints:
             survivor.writers = set()
             self._run("do_savepoint", survivor.name)
             stack.append(survivor)
-        if foreign and self._sandbox.problem is None:
+        if foreign and not everyone and self._sandbox.problem is None:
             self._sandbox.problem = (
                 "Two transactions were open at once on the test's connection (concurrent "
                 "tasks or threads, or a session held open while another one wrote), and one "
