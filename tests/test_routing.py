@@ -823,9 +823,22 @@ def test_an_engine_with_another_driver_gets_a_clear_error(
     other = make_url(project.url).set(drivername="postgresql+psycopg2")
     _app(project, SYNC_APP.replace("APP_URL", repr(other.render_as_string(False))))
     project.ini("alchemy_engines = app:engine\n")
-    project.tests("def test_it():\n    pass\n")
+    project.tests(
+        """
+        import app
+
+        def test_not_using_it():  # routing is lazy: the mismatch shows at the first use
+            pass
+
+        def test_using_it():
+            app.engine.connect()
+
+        def test_with_the_sandbox(db_session):  # routed at once: the error comes at set-up
+            pass
+        """
+    )
     result = project.run()
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(passed=1, failed=1, errors=1)
     result.stdout.fnmatch_lines(
         ["*cannot join the test's sandbox: it uses postgresql+psycopg2*point alchemy_url*"]
     )

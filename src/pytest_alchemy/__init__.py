@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pytest_alchemy.errors import (
     AlchemyError,
+    DatabaseBlockedError,
     DatabaseUnavailableError,
     DriverMissingError,
     EventLoopMismatchError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlchemyError",
+    "DatabaseBlockedError",
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",

@@ -54,6 +54,7 @@ RESET_SEQUENCES_INI = "alchemy_reset_sequences"
 COMMIT_LAST_INI = "alchemy_commit_tests_last"
 NPLUSONE_INI = "alchemy_nplusone"
 FACTORIES_INI = "alchemy_factories"
+REQUIRE_MARKER_INI = "alchemy_require_marker"
 #: The values of ini alchemy_nplusone and of the marker option nplusone.
 NPLUSONE_MODES = ("off", "warn", "fail")
 THREAD_WAIT_INI = "alchemy_thread_wait"
@@ -114,6 +115,7 @@ class Settings:
     commit_tests_last: bool = True  # tests of the commit strategy run after the others
     nplusone: str = "off"  # N+1 detection: the default of the marker option of the same name
     factories: tuple[str, ...] = ()  # factory modules and base classes bound to the sandbox
+    require_marker: bool = False  # tests that do not ask for the database may not use it
 
     @property
     def configured(self) -> bool:
@@ -283,6 +285,7 @@ def resolve(config: pytest.Config) -> Settings:
         commit_tests_last=bool(config.getini(COMMIT_LAST_INI)),
         nplusone=_nplusone(config.getini(NPLUSONE_INI)),
         factories=tuple(p.strip() for p in config.getini(FACTORIES_INI) if p.strip()),
+        require_marker=bool(config.getini(REQUIRE_MARKER_INI)),
     )
 
 

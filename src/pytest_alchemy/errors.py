@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlchemyError",
+    "DatabaseBlockedError",
     "DatabaseUnavailableError",
     "DriverMissingError",
     "EventLoopMismatchError",
@@ -62,3 +63,7 @@ class ReadOnlyReplicaError(AlchemyError):
 class NPlusOneWarning(UserWarning):
     """A relationship was lazy-loaded once per row (N+1 queries): ini ``alchemy_nplusone =
     warn`` or ``@pytest.mark.alchemy(nplusone="warn")``."""
+
+
+class DatabaseBlockedError(AlchemyError):
+    """A test used the database without asking for it while ``alchemy_require_marker`` is on."""

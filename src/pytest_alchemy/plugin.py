@@ -42,6 +42,7 @@ from pytest_alchemy.fixtures.hooks import db_commits  # noqa: F401
 from pytest_alchemy.fixtures.layers import db_layer  # noqa: F401
 from pytest_alchemy.fixtures.queries import db_queries  # noqa: F401
 from pytest_alchemy.fixtures.routes import (  # noqa: F401
+    BLOCKED,
     ROUTES,
     _alchemy_routes,
     add_routes,
@@ -191,6 +192,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "each worker (default true).",
     )
     parser.addini(
+        _config.REQUIRE_MARKER_INI,
+        type="bool",
+        default=False,
+        help="Tests that neither request a database fixture nor carry @pytest.mark.alchemy "
+        "get an error on any use of the database (routed engines, any engine on the test or "
+        "base database).",
+    )
+    parser.addini(
         _config.FACTORIES_INI,
         type="linelist",
         default=[],
@@ -235,7 +244,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[_COUNTERS_NEEDED] = any(o.reset_sequences for o in options)
     config.stash[_SCHEMAS_OVERRIDDEN] = _check_schema_scopes(items)
     committing = []
+    require = config.stash[_SETTINGS].require_marker
     for item, option in zip(items, options, strict=True):
+        if require and not _asks_for_the_database(item):
+            item.stash[BLOCKED] = True
         _sync_fixtures.own_layers(item)
         if option.nplusone != "off":
             item.stash[_queries.NPLUSONE] = option.nplusone
@@ -250,6 +262,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # that failed) is never seen by a sandboxed test.
         chosen = set(map(id, committing))
         items[:] = [item for item in items if id(item) not in chosen] + committing
+
+
+#: The plugin's fixtures a test asks for the database with (alchemy_require_marker).
+_DATABASE_FIXTURES = frozenset(
+    {
+        "db_engine",
+        "db_connection",
+        "db_sessionmaker",
+        "db_session",
+        "async_db_engine",
+        "async_db_connection",
+        "async_db_sessionmaker",
+        "async_db_session",
+        "db_route",
+        "db_connections",
+        "db_layer",
+    }
+)
+
+
+def _asks_for_the_database(item: pytest.Item) -> bool:
+    if item.get_closest_marker(markers.NAME) is not None:
+        return True
+    return not _DATABASE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -313,6 +349,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
             for target in targets.all():
                 target.loops.anyio.release()
     _switch_schema(item)
+    if item.stash.get(BLOCKED, False):
+        _block(item)
     if needs_routes(item.config):
         add_routes(item)
     if item.stash.get(_commit.COMMITS, False):
@@ -322,6 +360,18 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         return (yield)
     finally:
         _SETTING_UP.pop()
+
+
+def _block(item: pytest.Item) -> None:
+    """A test that may not use the database (alchemy_require_marker) starts: refuse the
+    test and base databases to any engine until it ends."""
+    config = item.config
+    settings = config.stash[_SETTINGS]
+    targets = config.stash.get(_TARGET, None)
+    urls = [*(targets.known_urls if targets else ()), *(targets.known_base if targets else ())]
+    urls += [url for url in (settings.url.url, settings.async_url.url) if url is not None]
+    urls += [database.url for database in settings.databases]
+    config.stash[_ROUTER].blocker.start(item.nodeid, urls)
 
 
 def _switch_schema(item: pytest.Item) -> None:
@@ -358,6 +408,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             report_escapes(item.config, [])
         if item.stash.get(_commit.COMMITS, False):
             _commit.leave(item)
+        if item.stash.get(BLOCKED, False):
+            refused = item.config.stash[_ROUTER].blocker.stop()
+            if refused and not item.stash.get(_CALL_FAILED, False):  # swallowed by the code
+                pytest.fail(f"DatabaseBlockedError: {refused[0]}", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)

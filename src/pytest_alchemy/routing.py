@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,12 @@ from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 from pytest_alchemy import dialects
 from pytest_alchemy.config import mask
-from pytest_alchemy.errors import ReadOnlyReplicaError, UnsandboxedEngineError
+from pytest_alchemy.errors import (
+    AlchemyError,
+    DatabaseBlockedError,
+    ReadOnlyReplicaError,
+    UnsandboxedEngineError,
+)
 from pytest_alchemy.statements import proves_read_only
 
 if TYPE_CHECKING:
@@ -264,17 +270,47 @@ class _SandboxPool(Pool):
         return "pytest-alchemy sandbox pool"
 
 
+class _PendingPool(Pool):
+    """An engine routed lazily (see :class:`_Lazy`): its first checkout opens the test's
+    sandbox and starts the route, then checks out of the route's pool."""
+
+    def __init__(self, lazy: _Lazy) -> None:
+        super().__init__(lambda: None, dialect=lazy.engine.dialect)  # type: ignore[arg-type]
+        self._lazy = lazy
+
+    def connect(self) -> PoolProxiedConnection:
+        return self._lazy.begin().connect()
+
+    def _do_get(self) -> ConnectionPoolEntry:  # never: connect() hands over first
+        return self._lazy.begin()._do_get()
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        pass
+
+    def dispose(self) -> None:
+        pass
+
+    def recreate(self) -> _PendingPool:
+        return self
+
+    def status(self) -> str:
+        return "pytest-alchemy: routed into the test's sandbox at first use"
+
+
 class _RefusingPool(StaticPool):
     """Refuses every checkout with a message saying why the engine cannot join."""
 
-    def __init__(self, engine: Engine, message: str) -> None:
+    def __init__(
+        self, engine: Engine, message: str, error: type[AlchemyError] = UnsandboxedEngineError
+    ) -> None:
         super().__init__(lambda: None, dialect=engine.dialect)  # type: ignore[arg-type]
         self._message = message
+        self._error = error
         self.refused = False  # raised at least once: the test fails with it at teardown
 
     def _do_get(self) -> ConnectionPoolEntry:
         self.refused = True
-        raise UnsandboxedEngineError(self._message)
+        raise self._error(self._message)
 
     def recreate(self) -> _RefusingPool:
         return self
@@ -444,10 +480,12 @@ _MISSING = object()
 class _Refusal:
     """An engine that cannot join, refusing to connect until :meth:`stop`."""
 
-    def __init__(self, engine: Engine, message: str) -> None:
+    def __init__(
+        self, engine: Engine, message: str, error: type[AlchemyError] = UnsandboxedEngineError
+    ) -> None:
         self.engine = engine
         self._pool = engine.pool
-        self._refusing = _RefusingPool(engine, message)
+        self._refusing = _RefusingPool(engine, message, error)
         engine.pool = self._refusing
         self.message = message
 
@@ -457,6 +495,56 @@ class _Refusal:
 
     def stop(self) -> None:
         self.engine.pool = self._pool
+
+
+class _Lazy:
+    """A sync engine routed into a sandbox that is opened at its first use, until
+    :meth:`stop`: a test that never uses it costs no connection, no schema, no round trip.
+
+    ``provider`` opens (or refuses, raising) the sandbox; ``started`` is told once it did.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        provider: Callable[[], Sandbox],
+        replica_of: str | None,
+        started: Callable[[_Lazy], None],
+    ) -> None:
+        self.engine = engine
+        self._provider = provider
+        self._replica_of = replica_of
+        self._started = started
+        self._pool = engine.pool
+        self._lock = threading.RLock()
+        self.route: Route | None = None
+        self._stopped = False
+        engine.pool = _PendingPool(self)
+
+    def begin(self) -> Pool:
+        """Open the sandbox and start the route (once); the pool to check out of now."""
+        with self._lock:
+            if self.route is None and not self._stopped:
+                sandbox = self._provider()
+                self.engine.pool = self._pool  # what the route saves and gives back
+                route = Route(self.engine, sandbox, self._replica_of)
+                try:
+                    route.start()
+                except BaseException:
+                    self.engine.pool = _PendingPool(self)
+                    raise
+                self.route = route
+                self._started(self)
+        return self.engine.pool
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self.route is not None:
+                self.route.stop()
+            self.engine.pool = self._pool
 
 
 class _Direct:
@@ -511,7 +599,7 @@ class Routes:
     """The routes of one test, stopped together when it ends."""
 
     def __init__(self) -> None:
-        self._routes: dict[int, Route | _Refusal | _Direct] = {}
+        self._routes: dict[int, Route | _Refusal | _Direct | _Lazy] = {}
         self._following: dict[int, Callable[[], None]] = {}  # id(obj): undo
 
     def follow(self, objects: Iterable[object], reroute: Callable[[object], None]) -> None:
@@ -541,17 +629,31 @@ class Routes:
         route.start()
         self._routes[id(root)] = route
 
+    def add_lazy(
+        self,
+        engine: Engine,
+        provider: Callable[[], Sandbox],
+        replica_of: str | None = None,
+        started: Callable[[_Lazy], None] = lambda lazy: None,
+    ) -> None:
+        """Route the sync ``engine`` into the sandbox ``provider`` opens at its first use."""
+        root = _root(engine)
+        if id(root) not in self._routes:
+            self._routes[id(root)] = _Lazy(root, provider, replica_of, started)
+
     def direct(self, engine: Engine, url: URL, is_async: bool) -> None:
         """Point ``engine`` at the test database ``url`` itself, until the test ends."""
         root = _root(engine)
         if id(root) not in self._routes:
             self._routes[id(root)] = _Direct(root, url, is_async)
 
-    def refuse(self, engine: Engine, message: str) -> None:
+    def refuse(
+        self, engine: Engine, message: str, error: type[AlchemyError] = UnsandboxedEngineError
+    ) -> None:
         """Make ``engine`` raise ``message`` on connecting, until the test ends."""
         root = _root(engine)
         if id(root) not in self._routes:
-            self._routes[id(root)] = _Refusal(root, message)
+            self._routes[id(root)] = _Refusal(root, message, error)
 
     def routed(self, engine: Engine) -> bool:
         return id(_root(engine)) in self._routes
@@ -659,7 +761,9 @@ class EscapeWatch:
         if not self.active or engine in OWN_ENGINES:
             return None
         root = _root(engine)
-        if root in OWN_ENGINES or isinstance(root.pool, (_SandboxPool, _RefusingPool)):
+        if root in OWN_ENGINES or isinstance(
+            root.pool, (_SandboxPool, _RefusingPool, _PendingPool)
+        ):
             return None
         if sandbox_of(connection) is not None:  # the sandbox's own: guarded there
             return None
@@ -715,6 +819,63 @@ class EscapeWatch:
         found, self.escapes = self.escapes, []
         written, self.test_database_written = self.test_database_written, set()
         return list(dict.fromkeys(found)), written
+
+
+class Blocker:
+    """``alchemy_require_marker``: while a test that did not ask for the database runs, any
+    engine that connects to the test or base database is refused, saying which test and what
+    to do. Listens on the Engine class from the first such test to the end of the run."""
+
+    def __init__(self) -> None:
+        self.test: str | None = None  # the node id of the blocked test running now
+        self.keys: set[tuple[Any, ...]] = set()
+        self.seen: list[str] = []
+        self._installed = False
+
+    def start(self, test: str, urls: Iterable[URL]) -> None:
+        self.test = test
+        self.keys = {key for key in map(database_key, urls) if key is not None}
+        if not self._installed:
+            self._installed = True
+            event.listen(Engine, "engine_connect", self._connect)
+
+    def stop(self) -> list[str]:
+        """The test is over: what it was refused."""
+        self.test = None
+        seen, self.seen = self.seen, []
+        return list(dict.fromkeys(seen))
+
+    def uninstall(self) -> None:
+        if self._installed:
+            self._installed = False
+            event.remove(Engine, "engine_connect", self._connect)
+
+    def _connect(self, connection: Connection) -> None:
+        test = self.test
+        if test is None:
+            return
+        engine = connection.engine
+        root = _root(engine)
+        if root in OWN_ENGINES or root in PLUGIN_ENGINES:
+            return  # the plugin's: a fixture the test asked for after all
+        if database_key(engine.url) not in self.keys:
+            return
+        message = blocked(test, engine)
+        self.seen.append(message)
+        connection.invalidate()
+        connection.close()
+        raise DatabaseBlockedError(message)
+
+
+def blocked(test: str, engine: Engine) -> str:
+    """Why ``test`` may not use ``engine``, and what to do."""
+    return (
+        f"{test} used the database ({mask(engine.url)}) without asking for it: "
+        f"alchemy_require_marker is on, so only tests that request a database fixture "
+        f"(db_session, db_connection, async_db_session, ...) or carry @pytest.mark.alchemy may. "
+        f"Request one, or mark the test @pytest.mark.alchemy() (a module: pytestmark = "
+        f"pytest.mark.alchemy())."
+    )
 
 
 def fix(engine: Engine) -> str:
@@ -774,6 +935,7 @@ class Router:
         self._loaded: list[object] | None = None
         self.added: list[object] = []
         self.escapes = EscapeWatch(block)
+        self.blocker = Blocker()
         self._guards: dict[int, _Refusal] = {}
         self._following = Routes()  # only follows: guards what the objects make
         #: Called when route_engines() adds objects (the plugin gives the running test its
@@ -840,6 +1002,7 @@ def pop(router: Router) -> None:
     if router in _ROUTERS:
         _ROUTERS.remove(router)
     router.escapes.uninstall()
+    router.blocker.uninstall()
     router.unguard()
 
 
