@@ -1,8 +1,11 @@
-"""The README's snippets: the quick start runs as written, on every backend; every Python and
-TOML block at least parses, so none rots unnoticed.
+"""The README's snippets: the quick start runs as written, on every backend; the snippets of
+the sections in SECTIONS run too, on SQLite; every Python and TOML block at least parses, so
+none rots unnoticed.
 
 A block whose first line is ``# file: <path>`` is a file of the section's project, written
-as is; a section with such blocks is run as a pytest project through the plugin.
+as is. In SECTIONS, every other Python block is a test module of its own, run after PRELUDE
+(the names of the README's application, ``myapp``, which SCAFFOLD provides), and the TOML
+blocks' ini options are the project's.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ def _blocks(text: str) -> list[tuple[str, str]]:
     return [(lang, body) for lang, body in _BLOCK.findall(text)]
 
 
-def _section(title: str) -> str:
+def _section(title: str, level: str = "##") -> str:
     text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+    start = text.index(f"\n{level} {title}\n")
+    ends = [i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i != -1]
+    return text[start : min(ends) if ends else None]
 
 
 def _files(section: str) -> dict[str, str]:
@@ -56,6 +59,119 @@ def test_the_quick_start_runs_as_written(
         "-p", "no:pytest-factoryboy", f"--alchemy-url={project.url}",
     )  # fmt: skip
     result.assert_outcomes(passed=3)
+
+
+#: The application the README's snippets speak of, as far as the sections in SECTIONS need it.
+SCAFFOLD = {
+    "myapp/__init__.py": """
+from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(200), unique=True)
+
+
+class Author(Base):
+    __tablename__ = "authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class Member(Base):
+    __tablename__ = "members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+def signup(session, email):
+    session.add(User(email=email))
+    session.commit()
+
+
+def list_members(session):
+    return session.scalars(select(Member)).all(), session.scalar(select(func.count(Member.id)))
+""",
+    "myapp/models.py": "from myapp import Author, Base, Member, User  # noqa: F401\n",
+    "myapp/tests/__init__.py": "",
+    # The worker of "Tests that need real commits": it sees the committed job, or fails.
+    "myapp/worker.py": """
+import sys
+
+from sqlalchemy import create_engine, text
+
+engine = create_engine(sys.argv[-1])
+with engine.begin() as connection:
+    names = connection.execute(text("SELECT name FROM jobs")).scalars().all()
+engine.dispose()
+sys.exit(0 if names == ["mail"] else f"the worker found {names!r}")
+""",
+}
+PRELUDE = "import pytest\nfrom sqlalchemy import func, select\n\nfrom myapp import *\n\n"
+SECTIONS = [
+    "Tests that need real commits",
+    "Data for a module, a class or a package",
+    "Commit hooks",
+    "Assertions on the statements a test sends",
+    "Factories: factory_boy, pytest-factoryboy, polyfactory",
+    "Hypothesis",
+]
+
+
+def _ini_lines(toml_body: str) -> list[str]:
+    import tomllib
+
+    options = tomllib.loads(toml_body).get("tool", {}).get("pytest", {}).get("ini_options", {})
+    lines = []
+    for key, value in options.items():
+        if isinstance(value, list):
+            lines.append(f"{key} =" + "".join(f"\n    {item}" for item in value))
+        else:
+            lines.append(f"{key} = {value}")
+    return lines
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="reads the TOML blocks with tomllib")
+@pytest.mark.parametrize("title", SECTIONS)
+def test_the_snippets_of_a_section_run(title: str, pytester: pytest.Pytester) -> None:
+    """Each Python block of the section runs as a test module on the README's application
+    (SQLite, the default); its tests pass."""
+    section = _section(title, "###")
+    ini = ["[pytest]", "pythonpath = .", "alchemy_metadata = myapp:Base", "filterwarnings = error"]
+    ini += [f"asyncio_default_{kind}_loop_scope = session" for kind in ("fixture", "test")]
+    tests = 0
+    for path, body in SCAFFOLD.items():
+        (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
+        (pytester.path / path).write_text(body)
+    for number, (lang, body) in enumerate(_blocks(section)):
+        named = _FILE.match(body.splitlines()[0]) if body else None
+        if lang == "toml":
+            ini += _ini_lines(body)
+        elif lang == "python" and named:
+            (pytester.path / named.group(1)).write_text(body)
+        elif lang == "python":
+            (pytester.path / f"test_snippet_{number}.py").write_text(PRELUDE + body)
+            tests += body.count("\ndef test_") + body.startswith("def test_")
+            tests += body.count("\nasync def test_")
+    (pytester.path / "pytest.ini").write_text("\n".join(ini) + "\n")
+    assert tests, f"no test in the snippets of {title!r}"
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist",
+        "-p", "no:pytest-factoryboy",
+    )  # fmt: skip
+    result.assert_outcomes(passed=tests)
 
 
 def test_every_python_and_toml_block_parses() -> None:
