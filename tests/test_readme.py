@@ -119,57 +119,172 @@ engine.dispose()
 sys.exit(0 if names == ["mail"] else f"the worker found {names!r}")
 """,
 }
-PRELUDE = "import pytest\nfrom sqlalchemy import func, select\n\nfrom myapp import *\n\n"
-SECTIONS = [
-    "Tests that need real commits",
-    "Data for a module, a class or a package",
-    "Commit hooks",
-    "Assertions on the statements a test sends",
-    "Factories: factory_boy, pytest-factoryboy, polyfactory",
-    "Hypothesis",
-]
+PRELUDE = (
+    "import pytest\nimport pytest_alchemy\nfrom sqlalchemy import func, select\n\n"
+    "from myapp import *\n\n"
+)
+
+#: The application's own engines, as its modules make them (URLs from the environment).
+_APP_DB = """
+import os
+
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+engine = create_engine(os.environ["MYAPP_URL"])
+SessionLocal = sessionmaker(engine)
+async_engine = create_async_engine(os.environ["MYAPP_ASYNC_URL"])
+async_session = async_sessionmaker(async_engine, expire_on_commit=False)
 
 
-def _ini_lines(toml_body: str) -> list[str]:
+async def get_session():
+    async with async_session() as session:
+        yield session
+"""
+_USERS = """
+from myapp.db import SessionLocal
+from myapp.models import User
+
+
+def signup(email):
+    with SessionLocal() as session:
+        session.add(User(email=email))
+        session.commit()
+"""
+_FASTAPI = """
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
+
+from myapp.db import get_session
+from myapp.models import User
+
+app = FastAPI()
+
+
+class NewUser(BaseModel):
+    name: str
+
+
+@app.post("/users", status_code=201)
+async def create_user(new: NewUser, session=Depends(get_session)):
+    session.add(User(email=new.name))
+    await session.commit()
+    return {"name": new.name}
+"""
+_FLASK = """
+import os
+
+from flask import Flask, request
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+class User(db.Model):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(200), unique=True)
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["MYAPP_URL"]
+    db.init_app(app)
+
+    @app.post("/users")
+    def create_user():
+        db.session.add(User(email=request.json["name"]))
+        db.session.commit()
+        return {"name": request.json["name"]}, 201
+
+    return app
+
+
+app = create_app()
+"""
+
+#: Section title: the files its snippets need beyond SCAFFOLD.
+SECTIONS: dict[str, dict[str, str]] = {
+    "Tests that need real commits": {},
+    "Data for a module, a class or a package": {},
+    "Commit hooks": {},
+    "Assertions on the statements a test sends": {},
+    "Factories: factory_boy, pytest-factoryboy, polyfactory": {},
+    "Hypothesis": {},
+    "The application's own engines": {"myapp/db.py": _APP_DB, "myapp/users.py": _USERS},
+    "FastAPI": {"myapp/db.py": _APP_DB, "myapp/main.py": _FASTAPI},
+    "Flask-SQLAlchemy": {"myapp/__init__.py": _FLASK},
+}
+
+
+def _ini_options(toml_body: str) -> dict[str, object]:
+    """A TOML block's pytest ini options (a fragment's keys are the options themselves)."""
     import tomllib
 
-    options = tomllib.loads(toml_body).get("tool", {}).get("pytest", {}).get("ini_options", {})
-    lines = []
+    parsed = tomllib.loads(toml_body)
+    if "tool" in parsed:
+        return dict(parsed["tool"].get("pytest", {}).get("ini_options", {}))
+    return parsed
+
+
+def _ini(options: dict[str, object]) -> str:
+    lines = ["[pytest]"]
     for key, value in options.items():
         if isinstance(value, list):
             lines.append(f"{key} =" + "".join(f"\n    {item}" for item in value))
         else:
             lines.append(f"{key} = {value}")
-    return lines
+    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="reads the TOML blocks with tomllib")
 @pytest.mark.parametrize("title", SECTIONS)
-def test_the_snippets_of_a_section_run(title: str, pytester: pytest.Pytester) -> None:
-    """Each Python block of the section runs as a test module on the README's application
-    (SQLite, the default); its tests pass."""
-    section = _section(title, "###")
-    ini = ["[pytest]", "pythonpath = .", "alchemy_metadata = myapp:Base", "filterwarnings = error"]
-    ini += [f"asyncio_default_{kind}_loop_scope = session" for kind in ("fixture", "test")]
+def test_the_snippets_of_a_section_run(
+    title: str, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Python block of the section runs as a test module on the README's application,
+    with the section's ini options, on SQLite (the URL the README names is overridden); its
+    tests pass."""
+    section = (
+        _section(title, "###") if f"\n### {title}\n" in README.read_text() else (_section(title))
+    )
+    database = pytester.path / "myapp.sqlite3"
+    monkeypatch.setenv("MYAPP_URL", f"sqlite:///{database}")
+    monkeypatch.setenv("MYAPP_ASYNC_URL", f"sqlite+aiosqlite:///{database}")
+    options: dict[str, object] = {
+        "pythonpath": ".",
+        "alchemy_metadata": "myapp:Base",
+        "filterwarnings": "error",
+        "asyncio_default_fixture_loop_scope": "session",
+        "asyncio_default_test_loop_scope": "session",
+    }
     tests = 0
-    for path, body in SCAFFOLD.items():
+    for path, body in {**SCAFFOLD, **SECTIONS[title]}.items():
         (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
         (pytester.path / path).write_text(body)
     for number, (lang, body) in enumerate(_blocks(section)):
         named = _FILE.match(body.splitlines()[0]) if body else None
         if lang == "toml":
-            ini += _ini_lines(body)
+            options.update(_ini_options(body))
         elif lang == "python" and named:
             (pytester.path / named.group(1)).write_text(body)
         elif lang == "python":
             (pytester.path / f"test_snippet_{number}.py").write_text(PRELUDE + body)
             tests += body.count("\ndef test_") + body.startswith("def test_")
             tests += body.count("\nasync def test_")
-    (pytester.path / "pytest.ini").write_text("\n".join(ini) + "\n")
+    (pytester.path / "pytest.ini").write_text(_ini(options))
     assert tests, f"no test in the snippets of {title!r}"
     result = pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist",
-        "-p", "no:pytest-factoryboy",
+        "-p", "no:pytest-factoryboy", f"--alchemy-url=sqlite:///{database}",
     )  # fmt: skip
     result.assert_outcomes(passed=tests)
 
