@@ -222,6 +222,14 @@ SECTIONS: dict[str, dict[str, str]] = {
     "The application's own engines": {"myapp/db.py": _APP_DB, "myapp/users.py": _USERS},
     "FastAPI": {"myapp/db.py": _APP_DB, "myapp/main.py": _FASTAPI},
     "Flask-SQLAlchemy": {"myapp/__init__.py": _FLASK},
+    "Engines made at run time": {"myapp/__init__.py": _FLASK},
+    "Fixtures that create and drop the tables": {"myapp/db.py": _APP_DB},
+    "Asyncio": {"myapp/db.py": _APP_DB, "myapp/main.py": _FASTAPI},
+}
+#: What the section's text says is configured, where its own blocks do not show it.
+SECTION_INI: dict[str, dict[str, object]] = {
+    "Fixtures that create and drop the tables": {"alchemy_engines": ["myapp.db:engine"]},
+    "Asyncio": {"alchemy_engines": ["myapp.db:async_session"]},
 }
 
 
@@ -266,6 +274,7 @@ def test_the_snippets_of_a_section_run(
         "asyncio_default_fixture_loop_scope": "session",
         "asyncio_default_test_loop_scope": "session",
     }
+    options.update(SECTION_INI.get(title, {}))
     tests = 0
     for path, body in {**SCAFFOLD, **SECTIONS[title]}.items():
         (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
