@@ -211,6 +211,57 @@ def create_app():
 app = create_app()
 """
 
+_FLASK_MIGRATE = _FLASK.replace(
+    "    db.init_app(app)\n", "    db.init_app(app)\n    Migrate(app, db)\n"
+).replace("from flask_sqlalchemy import SQLAlchemy\n", "from flask_migrate import Migrate\n"
+          "from flask_sqlalchemy import SQLAlchemy\n")  # fmt: skip
+_REVISION = '''
+"""users"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        "users",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(200), unique=True),
+    )
+
+
+def downgrade():
+    op.drop_table("users")
+'''
+
+
+def _migrations() -> dict[str, str]:
+    """Flask-Migrate's migrations folder as ``flask db init`` writes it, with one revision."""
+    import flask_migrate
+
+    template = Path(flask_migrate.__file__).parent / "templates" / "flask"
+    return {
+        "migrations/alembic.ini": (template / "alembic.ini.mako").read_text(),
+        "migrations/env.py": (template / "env.py").read_text(),
+        "migrations/script.py.mako": (template / "script.py.mako").read_text(),
+        "migrations/versions/0001_users.py": _REVISION,
+    }
+
+
+_HEROES = """
+from sqlmodel import Field, SQLModel
+
+
+class Hero(SQLModel, table=True):
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+"""
+
 #: Section title: the files its snippets need beyond SCAFFOLD.
 SECTIONS: dict[str, dict[str, str]] = {
     "Tests that need real commits": {},
@@ -225,11 +276,22 @@ SECTIONS: dict[str, dict[str, str]] = {
     "Engines made at run time": {"myapp/__init__.py": _FLASK},
     "Fixtures that create and drop the tables": {"myapp/db.py": _APP_DB},
     "Asyncio": {"myapp/db.py": _APP_DB, "myapp/main.py": _FASTAPI},
+    "Several schemas in one run": {"myapp/heroes.py": _HEROES},
+    "Flask-Migrate": {"myapp/__init__.py": _FLASK_MIGRATE},
+    "SQLModel": {
+        "myapp/db.py": _APP_DB,
+        "myapp/models.py": _HEROES.replace('    __tablename__ = "users"\n', "")
+        + "\n__all__ = ['Hero', 'SQLModel']\n",
+    },
 }
 #: What the section's text says is configured, where its own blocks do not show it.
 SECTION_INI: dict[str, dict[str, object]] = {
     "Fixtures that create and drop the tables": {"alchemy_engines": ["myapp.db:engine"]},
     "Asyncio": {"alchemy_engines": ["myapp.db:async_session"]},
+    "Flask-Migrate": {  # the schema comes from the migrations, as the section says
+        "alchemy_metadata": None,
+        "filterwarnings": ["error", "ignore:'get_engine' is deprecated:DeprecationWarning"],
+    },
 }
 
 
@@ -246,6 +308,8 @@ def _ini_options(toml_body: str) -> dict[str, object]:
 def _ini(options: dict[str, object]) -> str:
     lines = ["[pytest]"]
     for key, value in options.items():
+        if value is None:
+            continue
         if isinstance(value, list):
             lines.append(f"{key} =" + "".join(f"\n    {item}" for item in value))
         else:
@@ -276,7 +340,8 @@ def test_the_snippets_of_a_section_run(
     }
     options.update(SECTION_INI.get(title, {}))
     tests = 0
-    for path, body in {**SCAFFOLD, **SECTIONS[title]}.items():
+    files = {**SCAFFOLD, **SECTIONS[title], **(_migrations() if title == "Flask-Migrate" else {})}
+    for path, body in files.items():
         (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
         (pytester.path / path).write_text(body)
     for number, (lang, body) in enumerate(_blocks(section)):
@@ -284,7 +349,11 @@ def test_the_snippets_of_a_section_run(
         if lang == "toml":
             options.update(_ini_options(body))
         elif lang == "python" and named:
-            (pytester.path / named.group(1)).write_text(body)
+            path = pytester.path / named.group(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(body)
+            if path.name.startswith("test_"):
+                tests += body.count("\ndef test_") + body.count("\nasync def test_")
         elif lang == "python":
             (pytester.path / f"test_snippet_{number}.py").write_text(PRELUDE + body)
             tests += body.count("\ndef test_") + body.startswith("def test_")
@@ -296,6 +365,21 @@ def test_the_snippets_of_a_section_run(
         "-p", "no:pytest-factoryboy", f"--alchemy-url=sqlite:///{database}",
     )  # fmt: skip
     result.assert_outcomes(passed=tests)
+
+
+def test_every_python_block_is_run() -> None:
+    """A Python snippet added to a section no test runs fails here: add the section to
+    SECTIONS (with the application files it speaks of)."""
+    text = README.read_text()
+    headings = [(m.start(), m.group(2)) for m in re.finditer(r"^(##|###) (.+)$", text, re.M)]
+    not_run = []
+    for block in _BLOCK.finditer(text):
+        if block.group(1) != "python":
+            continue
+        title = [heading for at, heading in headings if at < block.start()][-1]
+        if title != "Quick start" and title not in SECTIONS:
+            not_run.append(f"{title}: {block.group(2).splitlines()[0]}")
+    assert not_run == []
 
 
 def test_every_python_and_toml_block_parses() -> None:
