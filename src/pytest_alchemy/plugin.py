@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_alchemy import config as _config
-
-# The fixtures: pytest finds them in this module's namespace.
 from pytest_alchemy import examples as _examples
 from pytest_alchemy import markers, routing, sessions
 from pytest_alchemy.fixtures import commit as _commit
@@ -24,6 +22,8 @@ from pytest_alchemy.fixtures import factories as _factories
 from pytest_alchemy.fixtures import queries as _queries
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
+
+# The fixtures: pytest finds them in this module's namespace.
 from pytest_alchemy.fixtures.commit import _alchemy_commit  # noqa: F401
 from pytest_alchemy.fixtures.common import (
     _CALL_FAILED,
@@ -46,10 +46,13 @@ from pytest_alchemy.fixtures.routes import (  # noqa: F401
     ROUTES,
     _alchemy_routes,
     add_routes,
+    asks_for_the_database,
     db_connections,
     db_route,
+    end_blocking,
     needs_routes,
     report_escapes,
+    start_blocking,
 )
 from pytest_alchemy.fixtures.sync import (  # noqa: F401
     _alchemy_target,
@@ -246,7 +249,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     committing = []
     require = config.stash[_SETTINGS].require_marker
     for item, option in zip(items, options, strict=True):
-        if require and not _asks_for_the_database(item):
+        if require and not asks_for_the_database(item):
             item.stash[BLOCKED] = True
         _sync_fixtures.own_layers(item)
         if option.nplusone != "off":
@@ -262,30 +265,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # that failed) is never seen by a sandboxed test.
         chosen = set(map(id, committing))
         items[:] = [item for item in items if id(item) not in chosen] + committing
-
-
-#: The plugin's fixtures a test asks for the database with (alchemy_require_marker).
-_DATABASE_FIXTURES = frozenset(
-    {
-        "db_engine",
-        "db_connection",
-        "db_sessionmaker",
-        "db_session",
-        "async_db_engine",
-        "async_db_connection",
-        "async_db_sessionmaker",
-        "async_db_session",
-        "db_route",
-        "db_connections",
-        "db_layer",
-    }
-)
-
-
-def _asks_for_the_database(item: pytest.Item) -> bool:
-    if item.get_closest_marker(markers.NAME) is not None:
-        return True
-    return not _DATABASE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -350,7 +329,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
                 target.loops.anyio.release()
     _switch_schema(item)
     if item.stash.get(BLOCKED, False):
-        _block(item)
+        start_blocking(item)
     if needs_routes(item.config):
         add_routes(item)
     if item.stash.get(_commit.COMMITS, False):
@@ -360,18 +339,6 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         return (yield)
     finally:
         _SETTING_UP.pop()
-
-
-def _block(item: pytest.Item) -> None:
-    """A test that may not use the database (alchemy_require_marker) starts: refuse the
-    test and base databases to any engine until it ends."""
-    config = item.config
-    settings = config.stash[_SETTINGS]
-    targets = config.stash.get(_TARGET, None)
-    urls = [*(targets.known_urls if targets else ()), *(targets.known_base if targets else ())]
-    urls += [url for url in (settings.url.url, settings.async_url.url) if url is not None]
-    urls += [database.url for database in settings.databases]
-    config.stash[_ROUTER].blocker.start(item.nodeid, urls)
 
 
 def _switch_schema(item: pytest.Item) -> None:
@@ -409,9 +376,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if item.stash.get(_commit.COMMITS, False):
             _commit.leave(item)
         if item.stash.get(BLOCKED, False):
-            refused = item.config.stash[_ROUTER].blocker.stop()
-            if refused and not item.stash.get(_CALL_FAILED, False):  # swallowed by the code
-                pytest.fail(f"DatabaseBlockedError: {refused[0]}", pytrace=False)
+            end_blocking(item)
 
 
 @pytest.hookimpl(wrapper=True)
