@@ -65,7 +65,7 @@ def test_the_quick_start_runs_as_written(
 SCAFFOLD = {
     "myapp/__init__.py": """
 from sqlalchemy import ForeignKey, String, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -82,6 +82,15 @@ class Author(Base):
     __tablename__ = "authors"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
+    books: Mapped[list["Book"]] = relationship(back_populates="author")
+
+
+class Book(Base):
+    __tablename__ = "books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(100))
+    author_id: Mapped[int] = mapped_column(ForeignKey("authors.id"))
+    author: Mapped[Author] = relationship(back_populates="books")
 
 
 class Member(Base):
@@ -104,7 +113,7 @@ def signup(session, email):
 def list_members(session):
     return session.scalars(select(Member)).all(), session.scalar(select(func.count(Member.id)))
 """,
-    "myapp/models.py": "from myapp import Author, Base, Member, User  # noqa: F401\n",
+    "myapp/models.py": "from myapp import Author, Base, Book, Member, User  # noqa: F401\n",
     "myapp/tests/__init__.py": "",
     # The worker of "Tests that need real commits": it sees the committed job, or fails.
     "myapp/worker.py": """
@@ -270,6 +279,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "Assertions on the statements a test sends": {},
     "Factories: factory_boy, pytest-factoryboy, polyfactory": {},
     "Hypothesis": {},
+    "N+1 queries": {},
+    "Tests that must not touch the database": {},
     "The application's own engines": {"myapp/db.py": _APP_DB, "myapp/users.py": _USERS},
     "FastAPI": {"myapp/db.py": _APP_DB, "myapp/main.py": _FASTAPI},
     "Flask-SQLAlchemy": {"myapp/__init__.py": _FLASK},
