@@ -150,3 +150,45 @@ def test_a_routed_engine_costs_nothing_until_used(pytester: pytest.Pytester) -> 
     result.assert_outcomes(passed=2, failed=1)
     assert "building the schema" not in result.stdout.str()
     result.stdout.fnmatch_lines(["*test_the_database*DatabaseUnavailableError*"])
+
+
+CLEANUP_TESTS = """
+import pytest
+from sqlalchemy import text
+
+import app
+
+
+@pytest.fixture(autouse=True)
+def cleanup():  # uses the application's engine only after the test
+    yield
+    with app.engine.begin() as connection:
+        connection.execute(text("DELETE FROM alchemy_item"))
+
+
+def test_a_unit_test_first():  # the run's first use of the database is the teardown above
+    assert True
+
+
+def test_the_engine_in_the_test():
+    with app.engine.begin() as connection:
+        connection.execute(text("INSERT INTO alchemy_item (name) VALUES ('x')"))
+
+
+def test_and_nothing_survives():
+    with app.engine.connect() as connection:
+        assert connection.execute(text("SELECT COUNT(*) FROM alchemy_item")).scalar() == 0
+"""
+
+
+@pytest.mark.parametrize("driver", SYNC_BACKENDS, ids=lambda d: d.id)
+def test_a_lazy_route_lives_through_the_tests_fixtures(
+    driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    """A fixture that uses a lazily routed engine in its teardown (the first use of the run
+    there, or after the test opened the sandbox) runs inside the sandbox, as with the route
+    started with the test: the sandbox ends after the test's other fixtures."""
+    project = _project(driver, scratch_databases, pytester)
+    project.ini("alchemy_engines = app:engine\n")
+    project.tests(CLEANUP_TESTS)
+    project.run().assert_outcomes(passed=3)

@@ -501,20 +501,15 @@ class _Lazy:
     """A sync engine routed into a sandbox that is opened at its first use, until
     :meth:`stop`: a test that never uses it costs no connection, no schema, no round trip.
 
-    ``provider`` opens (or refuses, raising) the sandbox; ``started`` is told once it did.
+    ``provider`` opens (or refuses, raising) the sandbox.
     """
 
     def __init__(
-        self,
-        engine: Engine,
-        provider: Callable[[], Sandbox],
-        replica_of: str | None,
-        started: Callable[[_Lazy], None],
+        self, engine: Engine, provider: Callable[[], Sandbox], replica_of: str | None
     ) -> None:
         self.engine = engine
         self._provider = provider
         self._replica_of = replica_of
-        self._started = started
         self._pool = engine.pool
         self._lock = threading.RLock()
         self.route: Route | None = None
@@ -534,7 +529,6 @@ class _Lazy:
                     self.engine.pool = _PendingPool(self)
                     raise
                 self.route = route
-                self._started(self)
         return self.engine.pool
 
     def stop(self) -> None:
@@ -630,16 +624,12 @@ class Routes:
         self._routes[id(root)] = route
 
     def add_lazy(
-        self,
-        engine: Engine,
-        provider: Callable[[], Sandbox],
-        replica_of: str | None = None,
-        started: Callable[[_Lazy], None] = lambda lazy: None,
+        self, engine: Engine, provider: Callable[[], Sandbox], replica_of: str | None = None
     ) -> None:
         """Route the sync ``engine`` into the sandbox ``provider`` opens at its first use."""
         root = _root(engine)
         if id(root) not in self._routes:
-            self._routes[id(root)] = _Lazy(root, provider, replica_of, started)
+            self._routes[id(root)] = _Lazy(root, provider, replica_of)
 
     def direct(self, engine: Engine, url: URL, is_async: bool) -> None:
         """Point ``engine`` at the test database ``url`` itself, until the test ends."""
