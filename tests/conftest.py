@@ -316,3 +316,19 @@ def async_project(
 ) -> Project:
     """A project on each async driver of the matrix."""
     return project_for(request.param, scratch_databases, pytester)
+
+
+def flask_migrations(folder: Path) -> Path:
+    """Flask-Migrate's migrations folder in ``folder``, as ``flask db init`` writes it
+    (alembic.ini without script_location; env.py reads current_app), with no revision yet."""
+    import shutil
+
+    import flask_migrate
+
+    template = Path(flask_migrate.__file__).parent / "templates" / "flask"
+    migrations = folder / "migrations"
+    (migrations / "versions").mkdir(parents=True)
+    shutil.copy(template / "alembic.ini.mako", migrations / "alembic.ini")
+    shutil.copy(template / "env.py", migrations / "env.py")
+    shutil.copy(template / "script.py.mako", migrations / "script.py.mako")
+    return migrations

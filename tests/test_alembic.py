@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Driver, Project, project_for
+from conftest import Driver, Project, flask_migrations, project_for
 from sqlalchemy import create_engine, inspect
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DRIVERS = [
     Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
@@ -361,19 +364,10 @@ MIGRATED_ROW = FIRST.replace(
 def _flask_migrate_project(project: Project, conftest: str = FLASK_CONFTEST) -> Path:
     """A Flask app whose migrations folder is Flask-Migrate's own template, as ``flask db
     init`` writes it (alembic.ini without script_location; env.py reads current_app)."""
-    import shutil
-
-    import flask_migrate
-
     pytester = project.pytester
     pytester.makepyfile(app=FLASK_APP.replace("APP_URL", repr(project.url)))
     pytester.makeconftest(conftest)
-    template = Path(flask_migrate.__file__).parent / "templates" / "flask"
-    migrations = pytester.path / "migrations"
-    (migrations / "versions").mkdir(parents=True)
-    shutil.copy(template / "alembic.ini.mako", migrations / "alembic.ini")
-    shutil.copy(template / "env.py", migrations / "env.py")
-    shutil.copy(template / "script.py.mako", migrations / "script.py.mako")
+    migrations = flask_migrations(pytester.path)
     (migrations / "versions" / "0001_items.py").write_text(MIGRATED_ROW)
     # Run from another folder than the ini's, as a suite run from the repository root is.
     project.ini(

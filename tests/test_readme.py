@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SYNC_BACKENDS, Driver, project_for
+from conftest import SYNC_BACKENDS, Driver, flask_migrations, project_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -248,19 +248,6 @@ def downgrade():
 '''
 
 
-def _migrations() -> dict[str, str]:
-    """Flask-Migrate's migrations folder as ``flask db init`` writes it, with one revision."""
-    import flask_migrate
-
-    template = Path(flask_migrate.__file__).parent / "templates" / "flask"
-    return {
-        "migrations/alembic.ini": (template / "alembic.ini.mako").read_text(),
-        "migrations/env.py": (template / "env.py").read_text(),
-        "migrations/script.py.mako": (template / "script.py.mako").read_text(),
-        "migrations/versions/0001_users.py": _REVISION,
-    }
-
-
 _HEROES = """
 from sqlmodel import Field, SQLModel
 
@@ -351,8 +338,9 @@ def test_the_snippets_of_a_section_run(
     }
     options.update(SECTION_INI.get(title, {}))
     tests = 0
-    files = {**SCAFFOLD, **SECTIONS[title], **(_migrations() if title == "Flask-Migrate" else {})}
-    for path, body in files.items():
+    if title == "Flask-Migrate":  # with one revision: the users table
+        (flask_migrations(pytester.path) / "versions" / "0001_users.py").write_text(_REVISION)
+    for path, body in {**SCAFFOLD, **SECTIONS[title]}.items():
         (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
         (pytester.path / path).write_text(body)
     for number, (lang, body) in enumerate(_blocks(section)):
