@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 # C extension a second time crashed asyncpg (a segfault in its SSL negotiation), and importing
 # sqlalchemy.orm a second time fails ("Type <class 'object'> is already registered"). Loading
 # them here keeps them loaded across runs; the web frameworks only to save re-importing them
-# (not sqlmodel: its one global MetaData must start empty in each run).
+# (not sqlmodel: its one global MetaData must start empty in each run). Hypothesis's pytest
+# plugin imports hypothesis at the end of every run (its statistics): 77 modules, each
+# rewritten by pytest's assertion rewriting, which cost about 0.8 s per in-process run.
 for _driver in (
     "sqlalchemy.orm",
     "sqlalchemy.ext.asyncio",
@@ -48,6 +50,8 @@ for _driver in (
     "asyncmy",
     "aiomysql",
     "aiosqlite",
+    "hypothesis",
+    "hypothesis.statistics",  # what its plugin imports: see above
 ):
     importlib.import_module(_driver)
 
