@@ -22,6 +22,7 @@ from pytest_alchemy.fixtures import factories as _factories
 from pytest_alchemy.fixtures import queries as _queries
 from pytest_alchemy.fixtures import sync as _sync_fixtures
 from pytest_alchemy.fixtures.aio import _async_fixtures
+from pytest_alchemy.fixtures.aio import own_layers as _async_layers
 
 # The fixtures: pytest finds them in this module's namespace.
 from pytest_alchemy.fixtures.commit import _alchemy_commit  # noqa: F401
@@ -252,6 +253,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if require and not asks_for_the_database(item):
             item.stash[BLOCKED] = True
         _sync_fixtures.own_layers(item)
+        _async_layers(item)
         if option.nplusone != "off":
             item.stash[_queries.NPLUSONE] = option.nplusone
         if not option.commits:
