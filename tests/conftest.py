@@ -129,6 +129,28 @@ def _unavailable(backend: str, exc: Exception) -> None:
     pytest.skip(message)
 
 
+#: Plugins of this environment that the runs a test starts do without, unless it is marked
+#: ``@pytest.mark.inner_plugins(name, ...)``: each costs every pytest process it loads into,
+#: in-process or not (xdist workers too), time for nothing. Faker's (installed with
+#: polyfactory) imports faker at start-up, about 0.4 s; pytest-factoryboy's imports
+#: factory_boy and faker, and adds an autouse fixture (seen in --setup-show); Hypothesis's
+#: imports hypothesis when the run ends, about 0.6 s.
+LEAN = ("faker", "pytest-factoryboy", "hypothesispytest")
+
+
+@pytest.fixture(autouse=True)
+def _lean_inner_runs(request: pytest.FixtureRequest) -> None:
+    """Turn the LEAN plugins off in the pytest runs of a pytester test (through
+    PYTEST_ADDOPTS, which pytester clears when it is set up, so after it)."""
+    if "pytester" not in request.fixturenames:
+        return
+    request.getfixturevalue("pytester")
+    marker = request.node.get_closest_marker("inner_plugins")
+    wanted = set(marker.args) if marker is not None else set()
+    off = [f"-p no:{name}" for name in LEAN if name not in wanted]
+    request.getfixturevalue("monkeypatch").setenv("PYTEST_ADDOPTS", " ".join(off))
+
+
 @pytest.fixture(scope="session")
 def scratch_databases() -> Iterator[dict[str, str]]:
     """A scratch database per server backend, created for this test run and dropped after.
@@ -216,12 +238,8 @@ class Project:
     def tests(self, source: str, name: str = "test_app") -> None:
         self.pytester.makepyfile(**{name: textwrap.dedent(source)})
 
-    def run(
-        self, *args: str, subprocess: bool = False, factoryboy: bool = False
-    ) -> pytest.RunResult:
+    def run(self, *args: str, subprocess: bool = False) -> pytest.RunResult:
         base = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist")
-        if not factoryboy:  # its autouse fixture shows in --setup-show; only where it is used
-            base += ("-p", "no:pytest-factoryboy")
         if subprocess:
             return self.pytester.runpytest_subprocess(*base, *args, timeout=300)
         return self.pytester.runpytest_inprocess(*base, *args)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import ASYNC_BACKENDS, SYNC_BACKENDS, Driver, Project, project_for
 
+#: Its health check for function-scoped fixtures lives in its pytest plugin.
+pytestmark = pytest.mark.inner_plugins("hypothesispytest")
+
 SYNC_TESTS = """
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

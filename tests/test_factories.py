@@ -121,6 +121,7 @@ def _project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester)
     return project
 
 
+@pytest.mark.inner_plugins("pytest-factoryboy")
 @pytest.mark.parametrize("driver", SYNC_BACKENDS, ids=lambda d: d.id)
 def test_factory_boy_factories_named_by_module_or_base_class(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
@@ -132,7 +133,7 @@ def test_factory_boy_factories_named_by_module_or_base_class(
     pytester.makepyfile(factories=FACTORY_BOY)
     project.ini("alchemy_factories = factories:BaseFactory\n")
     project.tests(FACTORY_BOY_TESTS)
-    project.run(factoryboy=True).assert_outcomes(passed=6)
+    project.run().assert_outcomes(passed=6)
     assert project.leftover_tables() == []
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import SYNC_BACKENDS, Driver, flask_migrations, project_for
 
+#: The README's Hypothesis section speaks of the health check of Hypothesis's plugin.
+pytestmark = pytest.mark.inner_plugins("hypothesispytest")
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _FILE = re.compile(r"#\s*file:\s*(\S+)")
@@ -56,7 +59,7 @@ def test_the_quick_start_runs_as_written(
         (pytester.path / path).write_text(body)
     result = pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist",
-        "-p", "no:pytest-factoryboy", f"--alchemy-url={project.url}",
+        f"--alchemy-url={project.url}",
     )  # fmt: skip
     result.assert_outcomes(passed=3)
 
@@ -360,8 +363,7 @@ def test_the_snippets_of_a_section_run(
     (pytester.path / "pytest.ini").write_text(_ini(options))
     assert tests, f"no test in the snippets of {title!r}"
     result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist",
-        "-p", "no:pytest-factoryboy", f"--alchemy-url=sqlite:///{database}",
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist", f"--alchemy-url=sqlite:///{database}",
     )  # fmt: skip
     result.assert_outcomes(passed=tests)
 
