@@ -469,6 +469,14 @@ class _Savepoint:
         return self.group if self.group is not None else id(self.party)
 
 
+#: The statements of SQLAlchemy's do_savepoint & co. on the backends the plugin supports.
+_SAVEPOINT_SQL = {
+    "do_savepoint": "SAVEPOINT ",
+    "do_release_savepoint": "RELEASE SAVEPOINT ",
+    "do_rollback_to_savepoint": "ROLLBACK TO SAVEPOINT ",
+}
+
+
 class Savepoints:
     """The stack of savepoints on a sandbox's connection, shared by everyone using it.
 
@@ -549,9 +557,10 @@ class Savepoints:
         return True
 
     def _run(self, method: str, name: str) -> None:
-        connection = self._sandbox.connection
-        dialect = connection.dialect
-        getattr(type(dialect), method)(dialect, connection, name)
+        """Send a savepoint statement of the ledger's own: as text, as SQLAlchemy's dialects
+        write it, through the same hooks and events as a compiled one, but without compiling
+        a ``SavepointClause`` for every one (about 15 us each)."""
+        self._sandbox.connection.exec_driver_sql(_SAVEPOINT_SQL[method] + name)
 
     def open(self, owner: object, party: object) -> None:
         self.settle_drop()
