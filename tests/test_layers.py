@@ -228,6 +228,12 @@ async def test_the_users_layers_are_used(async_db_session):
 
 async def test_and_still_roll_back(async_db_session):
     assert await async_db_session.scalar(select(func.count()).select_from(Item)) == 0
+
+
+async def test_the_sessionmaker_asked_for_after_the_session(
+    async_db_session, async_db_sessionmaker
+):
+    assert async_db_sessionmaker.kw["info"] == async_db_session.info == {"made": "by the user"}
 """
 
 
@@ -254,7 +260,7 @@ def test_async_db_session_uses_the_layers_a_directory_overrides(
     (own / "test_own.py").write_text(ASYNC_OVERRIDDEN_TESTS)
     pytester.makeconftest(ASYNC_SHARED_CONFTEST)
     project.tests(ASYNC_SHARED)  # beside it, the plugin's own layers
-    project.run().assert_outcomes(passed=6)
+    project.run().assert_outcomes(passed=7)
 
 
 def test_the_plugins_own_async_layers_are_not_set_up_one_by_one(
