@@ -726,8 +726,13 @@ class EscapeWatch:
         #: The test databases (database_key) an escape reached: they must be restored.
         self.test_database_written: set[tuple[Any, ...]] = set()
         self._installed = False
+        self._watching: tuple[tuple[URL, ...], tuple[URL, ...]] | None = None
 
     def watch(self, urls: Iterable[URL], base: Iterable[URL] = ()) -> None:
+        urls, base = tuple(urls), tuple(base)
+        if (urls, base) == self._watching:
+            return  # the databases of the last test: keys known, listeners installed
+        self._watching = (urls, base)
         self.keys = {key for key in map(database_key, urls) if key is not None}
         self.base_keys = {key for key in map(database_key, base) if key is not None} - self.keys
         if not self._installed and self.keys:
@@ -737,6 +742,7 @@ class EscapeWatch:
                 event.listen(Engine, "engine_connect", self._connect)
 
     def uninstall(self) -> None:
+        self._watching = None
         if self._installed:
             self._installed = False
             event.remove(Engine, "commit", self._commit)
@@ -836,6 +842,7 @@ class Blocker:
         return list(dict.fromkeys(seen))
 
     def uninstall(self) -> None:
+        self._watching = None
         if self._installed:
             self._installed = False
             event.remove(Engine, "engine_connect", self._connect)
