@@ -93,7 +93,7 @@ def test_and_still_roll_back(db_session):
 
 def _project(driver: Driver, scratch: dict[str, str], pytester: pytest.Pytester) -> Project:
     project = project_for(driver, scratch, pytester)
-    project.ini()
+    project.ini("asyncio_mode = auto\n" if driver.is_async else "")
     return project
 
 
@@ -112,13 +112,18 @@ def test_db_session_uses_the_layers_a_directory_overrides(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
     project = _project(driver, scratch_databases, pytester)
-    own = pytester.mkdir("own")
-    (own / "layer_calls.py").write_text("CALLED = []\n")
-    (own / "conftest.py").write_text(OVERRIDES)
-    (own / "test_own.py").write_text(OVERRIDDEN_TESTS)
+    _override_in_a_directory(pytester, OVERRIDES, OVERRIDDEN_TESTS)
     pytester.makeconftest(SHARED_CONFTEST)
     project.tests(SHARED)  # beside it, the plugin's own layers
     project.run().assert_outcomes(passed=5)
+
+
+def _override_in_a_directory(pytester: pytest.Pytester, conftest: str, tests: str) -> None:
+    """A directory ``own`` whose conftest overrides layers (noting calls in layer_calls)."""
+    own = pytester.mkdir("own")
+    (own / "layer_calls.py").write_text("CALLED = []\n")
+    (own / "conftest.py").write_text(conftest)
+    (own / "test_own.py").write_text(tests)
 
 
 def test_the_plugins_own_layers_are_not_set_up_one_by_one(pytester: pytest.Pytester) -> None:
@@ -241,8 +246,7 @@ async def test_the_sessionmaker_asked_for_after_the_session(
 def test_async_db_session_and_the_layers_below_share_one_sandbox_in_any_order(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
-    project = project_for(driver, scratch_databases, pytester)
-    project.ini("asyncio_mode = auto\n")
+    project = _project(driver, scratch_databases, pytester)
     pytester.makeconftest(ASYNC_SHARED_CONFTEST)
     project.tests(ASYNC_SHARED)
     project.run().assert_outcomes(passed=4)
@@ -252,12 +256,8 @@ def test_async_db_session_and_the_layers_below_share_one_sandbox_in_any_order(
 def test_async_db_session_uses_the_layers_a_directory_overrides(
     driver: Driver, scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
-    project = project_for(driver, scratch_databases, pytester)
-    project.ini("asyncio_mode = auto\n")
-    own = pytester.mkdir("own")
-    (own / "layer_calls.py").write_text("CALLED = []\n")
-    (own / "conftest.py").write_text(ASYNC_OVERRIDES)
-    (own / "test_own.py").write_text(ASYNC_OVERRIDDEN_TESTS)
+    project = _project(driver, scratch_databases, pytester)
+    _override_in_a_directory(pytester, ASYNC_OVERRIDES, ASYNC_OVERRIDDEN_TESTS)
     pytester.makeconftest(ASYNC_SHARED_CONFTEST)
     project.tests(ASYNC_SHARED)  # beside it, the plugin's own layers
     project.run().assert_outcomes(passed=7)
