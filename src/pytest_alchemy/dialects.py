@@ -395,9 +395,12 @@ def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], 
     - psycopg 3 and psycopg2: libpq's transaction status, updated by every server reply;
     - asyncpg: the protocol's transaction state;
     - PyMySQL and aiomysql: the server status flags of the last reply, which
-      also say when autocommit was switched on. asyncmy never records a status of 0 (its
-      ``server_status`` keeps the last non-zero one): it tells that a transaction began, or
-      that autocommit is on, never that a transaction ended (see :func:`ends_unseen`);
+      also say when autocommit was switched on. asyncmy's flags are kept by a statement
+      whose reply carries none (``COMMIT`` as text leaves them set): they tell that a
+      transaction began, or that autocommit is on, but not that one ended (see
+      :func:`ends_unseen`). That none began is told while nothing has used the connection
+      since the probe was made: asyncmy notes the time each cursor is made, and whatever
+      else could begin one (``begin()``, a write through ``query()``) sets the flags;
     - sqlite3 and aiosqlite: ``in_transaction``.
     """
     raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
@@ -411,7 +414,8 @@ def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], 
         return None
     if family == "mysql":
         if type(raw).__module__.startswith("asyncmy"):
-            return lambda: _asyncmy_state(raw.server_status)
+            made = raw.last_usage
+            return lambda: _asyncmy_state(raw.server_status, raw.last_usage == made)
         if hasattr(raw, "server_status"):
             return lambda: _mysql_state(raw.server_status)
         return None
@@ -429,10 +433,12 @@ def ends_unseen(dialect_name: str, dbapi_connection: Any) -> str | None:
     return None
 
 
-def _asyncmy_state(status: int) -> int | None:
+def _asyncmy_state(status: int, unused: bool) -> int | None:
     if status & _MYSQL_AUTOCOMMIT:
         return AUTOCOMMIT
-    return IN_TRANSACTION if status & _MYSQL_IN_TRANS else None
+    if status & _MYSQL_IN_TRANS:
+        return IN_TRANSACTION
+    return NO_TRANSACTION if unused else None
 
 
 def _pg_state(info: Any) -> int | None:
