@@ -115,7 +115,7 @@ BUDGET = {
     "postgresql-psycopg2": (0, 2, 3),
     "mysql-pymysql": (0, 1, 2),
     "postgresql-asyncpg": (0, 2, 3),
-    "postgresql-psycopg_async": (0, 2, 3),
+    "postgresql-psycopg_async": (0, 2, 2),
     "mysql-asyncmy": (0, 1, 3),
     "mysql-aiomysql": (0, 1, 2),
 }

@@ -136,16 +136,18 @@ def begin_with_savepoints(dbapi_connection: Any, names: list[str]) -> bool:
     """Send the BEGIN a driver would send before the next statement together with the
     SAVEPOINTs ``names``, in one round trip; False where it cannot (nothing is sent).
 
-    psycopg 3 (sync) only: it sends its BEGIN as a round trip of its own, and skips it when
-    libpq reports a transaction open, as it does after this. Not when an isolation level,
-    read-only or deferrable mode makes its BEGIN say more.
+    psycopg 3 only: it sends its BEGIN as a round trip of its own, and skips it when libpq
+    reports a transaction open, as it does after this. Not when an isolation level, read-only
+    or deferrable mode makes its BEGIN say more. On an async connection this one round trip
+    blocks the loop (libpq's ``PQexec``): BEGIN and SAVEPOINT never wait for a lock, so nothing
+    the loop would run meanwhile can be what they wait for.
     """
     raw = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
     if type(raw).__module__.partition(".")[0] != "psycopg":
         return False
     import psycopg
 
-    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
+    if not isinstance(raw, (psycopg.Connection, psycopg.AsyncConnection)) or raw.autocommit:
         return False
     if (raw.isolation_level, raw.read_only, raw.deferrable) != (None, None, None):
         return False
