@@ -495,14 +495,18 @@ def test_crashed_and_interrupted_xdist_runs_leave_nothing(project: Project, how:
     else:
         (root / "interrupt").write_text("")
         run = subprocess.Popen(
-            [*command, "-k", "interrupted"], cwd=root, stdout=subprocess.PIPE, text=True
+            [*command, "-k", "interrupted"],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a process group of its own, as a terminal's job is
         )
         deadline = time.monotonic() + 120
         while not (root / "a-ready").exists():
             if run.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the run did not get going: {run.communicate()[0]}")
             time.sleep(0.05)
-        run.send_signal(signal.SIGINT)
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole job
         output = run.communicate(timeout=120)[0]
         assert "KeyboardInterrupt" in output, output
     assert _derived_databases(url, name) == []
