@@ -8,7 +8,11 @@ does not answer is skipped with the reason; in CI (``CI`` set) it fails.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +242,18 @@ class Project:
     def tests(self, source: str, name: str = "test_app") -> None:
         self.pytester.makepyfile(**{name: textwrap.dedent(source)})
 
+    def into_folder(self, name: str) -> None:
+        """Move what was written for the project so far into a folder of its own (the
+        models are copied: the next one starts with them), for :func:`run_in_one_process`."""
+        folder = self.pytester.path / name
+        folder.mkdir()
+        for path in list(self.pytester.path.iterdir()):
+            if path.is_file() and path.suffix in (".py", ".ini"):
+                if path.name == "models.py":
+                    shutil.copy2(path, folder / path.name)
+                else:
+                    path.rename(folder / path.name)
+
     def run(self, *args: str, subprocess: bool = False) -> pytest.RunResult:
         base = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist")
         if subprocess:
@@ -309,6 +325,31 @@ def database_exists(url: URL, name: str) -> bool:
             return conn.execute(text(query), {"n": name}).first() is not None
     finally:
         engine.dispose()
+
+
+def run_in_one_process(
+    pytester: pytest.Pytester, runs: dict[str, list[str]]
+) -> tuple[dict[str, pytest.RunResult], str]:
+    """Run pytest with ``runs[name]`` in each folder ``name`` (see Project.into_folder), all
+    in one interpreter started for them (see one_process.py): each run's result, and what the
+    interpreter printed outside the runs (at its exit)."""
+    script = Path(__file__).with_name("one_process.py")
+    done = subprocess.run(
+        [sys.executable, str(script), json.dumps(runs)],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    results = {}
+    for name in runs:
+        code = (pytester.path / f"{name}.code").read_text() if done.returncode == 0 else ""
+        if not code:
+            pytest.fail(f"the runs stopped at {name}:\n{done.stdout}\n{done.stderr}")
+        output = (pytester.path / f"{name}.out").read_text().splitlines()
+        results[name] = pytest.RunResult(int(code), output, [], 0.0)
+    return results, done.stdout + done.stderr
 
 
 def collected_ids(project: Project) -> list[str]:

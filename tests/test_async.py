@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ASYNC_DRIVERS, Driver, collected_ids, project_for
+from conftest import ASYNC_DRIVERS, Driver, collected_ids, project_for, run_in_one_process
 
 if TYPE_CHECKING:
     from conftest import Project
@@ -199,33 +199,49 @@ LOOP_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("scopes", "marks", "args"), [c[1:] for c in LOOP_CONFIGS], ids=[c[0] for c in LOOP_CONFIGS]
+#: Said, in a run's output or at its interpreter's exit, when loops are mishandled.
+LOOP_TROUBLE = (
+    "Exception ignored",
+    "Event loop is closed",
+    "Task was destroyed",
+    "was never awaited",
+    "attached to a different loop",
 )
-def test_loop_configurations_share_or_separate_loops_cleanly(
-    async_project: Project, scopes: str, marks: str, args: tuple[str, ...]
-) -> None:
-    async_project.ini(loop_scopes=scopes)
-    async_project.tests(LOOP_TESTS.format(marks=marks))
-    result = async_project.run(*args, subprocess=True)
-    result.assert_outcomes(passed=3)
-    assert async_project.leftover_tables() == []
 
 
-def test_fixture_and_test_on_different_loops_get_a_clear_error(async_project: Project) -> None:
+def test_loop_configurations_share_or_separate_loops_cleanly(async_project: Project) -> None:
+    """Every configuration of pytest-asyncio and anyio, run one after another in one
+    interpreter (what is left behind shows when it is collected, or at the interpreter's
+    exit); and a fixture loop wider than the test's gets a clear error."""
+    runs: dict[str, list[str]] = {}
+    for name, scopes, marks, args in LOOP_CONFIGS:
+        async_project.ini(loop_scopes=scopes)
+        async_project.tests(LOOP_TESTS.format(marks=marks))
+        async_project.into_folder(name)
+        runs[name] = list(args)
     async_project.ini(
         "asyncio_default_fixture_loop_scope = session\n"
         "asyncio_default_test_loop_scope = function\n",
         loop_scopes="",
     )
     async_project.tests(LOOP_TESTS.format(marks="pytestmark = pytest.mark.asyncio"))
-    result = async_project.run(subprocess=True)
+    async_project.into_folder("different-loops")
+    runs["different-loops"] = []
+    results, at_exit = run_in_one_process(async_project.pytester, runs)
+    for name, _, _, _ in LOOP_CONFIGS:
+        output = "\n".join(results[name].outlines)
+        assert results[name].parseoutcomes() == {"passed": 3}, f"{name}:\n{output}"
+        assert not [t for t in LOOP_TROUBLE if t in output], f"{name}:\n{output}"
+    mismatched = results["different-loops"]
     if "aiosqlite" in (async_project.url or ""):  # its connections serve any loop
-        result.assert_outcomes(passed=3)
+        mismatched.assert_outcomes(passed=3)
     else:
-        result.assert_outcomes(failed=3)
-        result.stdout.fnmatch_lines(["*EventLoopMismatchError*asyncio_default_test_loop_scope*"])
-        result.stdout.no_fnmatch_line("*attached to a different loop*")
+        mismatched.assert_outcomes(failed=3)
+        mismatched.stdout.fnmatch_lines(
+            ["*EventLoopMismatchError*asyncio_default_test_loop_scope*"]
+        )
+        mismatched.stdout.no_fnmatch_line("*attached to a different loop*")
+    assert not [t for t in LOOP_TROUBLE if t in at_exit], at_exit
     assert async_project.leftover_tables() == []
 
 

@@ -17,6 +17,7 @@ from conftest import (
     SYNC_DRIVERS,
     Driver,
     project_for,
+    run_in_one_process,
     subset,
 )
 from sqlalchemy.engine import make_url
@@ -1218,24 +1219,21 @@ ROUTED_LOOP_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("scopes", "marks", "args"),
-    [c[1:] for c in ROUTED_LOOP_CONFIGS],
-    ids=[c[0] for c in ROUTED_LOOP_CONFIGS],
-)
 def test_async_engines_are_routed_under_every_loop_configuration(
-    scratch_databases: dict[str, str],
-    pytester: pytest.Pytester,
-    scopes: str,
-    marks: str,
-    args: tuple[str, ...],
+    scratch_databases: dict[str, str], pytester: pytest.Pytester
 ) -> None:
     driver = subset(ASYNC_DRIVERS, "postgresql-asyncpg")[0]
     project = project_for(driver, scratch_databases, pytester)
-    _app(project, ASYNC_APP)
-    project.ini("alchemy_engines = app:SessionLocal\n", loop_scopes=scopes)
-    project.tests(ASYNC_TESTS.replace("pytestmark = pytest.mark.asyncio", marks))
-    project.run(*args, subprocess=True).assert_outcomes(passed=5)
+    runs: dict[str, list[str]] = {}
+    for name, scopes, marks, args in ROUTED_LOOP_CONFIGS:  # one interpreter for them all
+        _app(project, ASYNC_APP)
+        project.ini("alchemy_engines = app:SessionLocal\n", loop_scopes=scopes)
+        project.tests(ASYNC_TESTS.replace("pytestmark = pytest.mark.asyncio", marks))
+        project.into_folder(name)
+        runs[name] = list(args)
+    results, _ = run_in_one_process(pytester, runs)
+    for name, result in results.items():
+        assert result.parseoutcomes() == {"passed": 5}, name + "\n" + "\n".join(result.outlines)
 
 
 ASYNC_ESCAPE_TESTS = """
