@@ -189,7 +189,7 @@ def test_upgrade_head_builds_the_schema_once(project: Project) -> None:
 
 @ONE_PER_BACKEND
 def test_xdist_workers_clone_the_migrated_template(project: Project) -> None:
-    result = project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result = project.pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=4)
     (ran_on,) = migration_runs(project)
     assert "_template" in ran_on
@@ -414,7 +414,7 @@ def test_flask_migrate_works_under_xdist(
 ) -> None:
     project = project_for(FLASK_DRIVERS[0], scratch_databases, pytester)
     _flask_migrate_project(project)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=3)
     assert project.leftover_tables() == []
 

@@ -495,9 +495,7 @@ def test_commit_tests_under_xdist_restore_each_workers_database(
     test finds the seed only, whichever worker ran the ones before it."""
     project = _project(driver, scratch_databases, pytester)
     project.tests(XDIST)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2", timeout=300
-    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2")
     result.assert_outcomes(passed=10)
     assert project.leftover_tables() == []
 

@@ -237,8 +237,6 @@ def test_a_layer_under_xdist_is_each_workers(
     project = _project(driver, scratch_databases, pytester)
     project.tests(XDIST, name="test_a")
     project.tests(AFTER, name="test_b")
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2", timeout=300
-    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2")
     result.assert_outcomes(passed=8)
     assert project.leftover_tables() == []

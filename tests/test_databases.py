@@ -95,7 +95,7 @@ def test_a_test_database_is_created_marked_and_dropped(project: Project) -> None
 
 @ONE_PER_BACKEND
 def test_each_xdist_worker_gets_its_own_database(project: Project) -> None:
-    result = project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result = project.pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=4)
     stem, dot, ext = base_name(project).partition(".")
     names = {name for name, _ in seen(project)}
@@ -386,7 +386,7 @@ def test_reuse_skips_the_build_until_the_schema_changes(seeded_project: Project)
     assert seed_calls(project) == 1
 
     workers = ("-p", "no:cacheprovider", "-n", "2", "--alchemy-reuse")
-    project.pytester.runpytest_subprocess(*workers).assert_outcomes(passed=4)
+    project.pytester.runpytest_inprocess(*workers).assert_outcomes(passed=4)
     assert seed_calls(project) == 1  # the kept template was cloned, not rebuilt
 
     project.pytester.makepyfile(models=MODELS.replace("String(50)", "String(60)"))
@@ -397,7 +397,7 @@ def test_reuse_skips_the_build_until_the_schema_changes(seeded_project: Project)
 
     # Without reuse, what was kept is replaced and dropped at the end.
     project.run().assert_outcomes(passed=4)
-    project.pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(
+    project.pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(
         passed=4
     )
     assert project.leftover_tables() == []

@@ -350,5 +350,5 @@ def test_create_all_and_drop_all_send_nothing_under_xdist(
     does not depend on how the clone is made)."""
     project = _project(driver, scratch_databases, pytester, CONFTEST)
     project.tests(TESTS)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=3)

@@ -216,7 +216,7 @@ def test_several_schemas_under_xdist(
 ) -> None:
     project = project_for(driver, scratch_databases, pytester)
     _layout(project, is_async=False)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=8)
     assert _databases_left(project) == []
 

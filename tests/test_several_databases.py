@@ -142,7 +142,7 @@ def test_two_databases_under_xdist(
 ) -> None:
     project = project_for(driver, scratch_databases, pytester)
     _several(project, driver)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=5)
 
 
