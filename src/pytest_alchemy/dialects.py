@@ -416,8 +416,10 @@ def transaction_probe(dialect_name: str, dbapi_connection: Any) -> Callable[[], 
         return None
     if family == "mysql":
         if type(raw).__module__.startswith("asyncmy"):
-            made = raw.last_usage
-            return lambda: _asyncmy_state(raw.server_status, raw.last_usage == made)
+            made = getattr(raw, "last_usage", None)  # None: an asyncmy that does not note it
+            return lambda: _asyncmy_state(
+                raw.server_status, made is not None and raw.last_usage == made
+            )
         if hasattr(raw, "server_status"):
             return lambda: _mysql_state(raw.server_status)
         return None
