@@ -347,7 +347,7 @@ def test_a_restore_that_fails_fails_its_test_and_not_the_next(
         [
             "*ERROR at teardown of test_leaves_a_transaction_open*",
             "*Restoring * after the test failed: *",
-            "*was cloned from the template again, so no later test sees it*",
+            "*was built again, so no later test sees it*",
         ]
     )
 

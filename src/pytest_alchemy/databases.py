@@ -493,12 +493,7 @@ def provision(
         if recipe is not None and template is not None:
             _ensure_template(template, recipe, owner, report, reuse=trust)
         try:
-            if recipe is None or template is None:
-                _create(target, server)
-                _mark(target, owner, None)
-            else:
-                _clone(template, target, server)
-                _mark(target, owner, recipe.fingerprint, fresh=True)
+            _make(target, server, owner, recipe, template, report)
         except Taken:
             raise  # another run's: not touched
         except BaseException:
@@ -714,15 +709,38 @@ def _ensure_template(
         return
     _create(template, server)
     try:
-        _fill(
-            template,
-            recipe,
-            report,
-            lambda c: _write_marker(c, owner, recipe.fingerprint),
-        )
+        _build(template, owner, recipe, report)
     except BaseException:
         _drop_quietly(template, server)
         raise
+
+
+def _make(
+    url: URL,
+    server: _Server | None,
+    owner: Owner,
+    recipe: Recipe | None,
+    template: URL | None,
+    report: Callable[[str], None],
+) -> None:
+    """Create the test database ``url`` and mark it as ``owner``'s: cloned from ``template``
+    (xdist workers, reuse), else built from ``recipe`` in it (one process: one CREATE
+    DATABASE rather than two), else empty. The caller drops it if this fails."""
+    if recipe is not None and template is not None:
+        _clone(template, url, server)
+        _mark(url, owner, recipe.fingerprint, fresh=True)
+        return
+    _create(url, server)
+    if recipe is None:
+        _mark(url, owner, None)
+    else:
+        _build(url, owner, recipe, report)
+
+
+def _build(url: URL, owner: Owner, recipe: Recipe, report: Callable[[str], None]) -> None:
+    """Fill the new database ``url`` from ``recipe``, marked as ``owner``'s in the same
+    transaction."""
+    _fill(url, recipe, report, lambda c: _write_marker(c, owner, recipe.fingerprint))
 
 
 def _fill(
@@ -820,9 +838,10 @@ def restore(
     """Bring a test database back to what provisioning made of it, after a test escaped.
 
     What escaped is not known, so nothing of the database is kept: one this run created (or
-    holds for reuse) is dropped and cloned from the template again (built anew if it is not
-    there), one it adopted is emptied of what was recorded and filled again. Every connection
-    to it must be given up by the caller first (PostgreSQL's drop ends any that are left).
+    holds for reuse) is dropped and cloned from the template again (the template built anew
+    if it is not there; the database built from the recipe if the run has no template), one
+    it adopted is emptied of what was recorded and filled again. Every connection to it must
+    be given up by the caller first (PostgreSQL's drop ends any that are left).
     """
     url = database.url
     server = _server(url)
@@ -833,13 +852,9 @@ def restore(
             return
         _drop(url, server)
         try:
-            if recipe is None or template is None:
-                _create(url, server)
-                _mark(url, owner, None)
-            else:
+            if recipe is not None and template is not None:
                 _ensure_template(template, recipe, owner, report, reuse=reuse)
-                _clone(template, url, server)
-                _mark(url, owner, recipe.fingerprint, fresh=True)
+            _make(url, server, owner, recipe, template, report)
         except BaseException:
             _drop_quietly(url, server)
             raise

@@ -189,8 +189,12 @@ class Target:
         return url, True
 
     def _template_for(self, url: URL) -> URL | None:
-        """The run's template for the test database ``url``, if there is a recipe."""
+        """The run's template for the test database ``url``: with a recipe, for xdist
+        workers (one builds it, each clones it) and for reuse (kept with the database). A run
+        in one process builds its test database directly: one CREATE DATABASE, not two."""
         if self._recipe is None or self.base is None:
+            return None
+        if self.settings.worker is None and not self._reuse:
             return None
         base = self.base.set(drivername=url.drivername)
         return databases.derive_test_url(base, self._naming(template=True))
@@ -418,15 +422,13 @@ class Target:
         return f" The test database {mask(url)} was built again, so no later test sees it."
 
     def _reprovision(self, database: databases.ProvisionedDatabase) -> str:
+        template = self._template_for(database.url)
         databases.restore(
-            database,
-            self.owner,
-            self._recipe,
-            self._template_for(database.url),
-            self._report,
-            reuse=self._reuse,
+            database, self.owner, self._recipe, template, self._report, reuse=self._reuse
         )
-        what = "cloned from the template again" if self._recipe else "created anew"
+        what = "created anew"
+        if self._recipe is not None:
+            what = "cloned from the template again" if template else "built again"
         if database.adopted:
             what = "emptied of what the plugin built there, and built again"
         return f" The test database {mask(database.url)} was {what}, so no later test sees it."
