@@ -174,6 +174,70 @@ def test_a_commit_through_the_plugins_own_engine_is_an_escape(
     )
 
 
+# The run's last test escapes: its teardown ends the run's fixtures before the hook that
+# reports the escape runs. A kept database (reuse) would carry the row into the next run.
+LAST_ESCAPES = {
+    "sync": """
+from sqlalchemy import insert
+from models import Item
+
+
+def test_last_commits_through_db_engine(db_engine):
+    with db_engine.begin() as conn:
+        conn.execute(insert(Item).values(name="escaped"))
+""",
+    "async": """
+import pytest
+from sqlalchemy import insert
+from models import Item
+
+
+@pytest.mark.asyncio
+async def test_last_commits_through_async_db_engine(async_db_engine):
+    async with async_db_engine.begin() as conn:
+        await conn.execute(insert(Item).values(name="escaped"))
+""",
+}
+
+NEXT_RUN_STARTS_CLEAN = """
+from sqlalchemy import select
+from models import Item
+
+
+def test_starts_clean(db_session):
+    assert db_session.scalars(select(Item.name)).all() == []
+"""
+
+
+@pytest.mark.parametrize(
+    ("driver", "kind"),
+    [
+        *((d, "sync") for d in BACKENDS),
+        *((d, "async") for d in ASYNC_DRIVERS if d.id == "postgresql-asyncpg"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.id,
+)
+def test_an_escape_in_the_runs_last_test_is_restored_before_the_run_ends(
+    driver: Driver, kind: str, scratch_databases: dict[str, str], pytester: pytest.Pytester
+) -> None:
+    project = project_for(driver, scratch_databases, pytester)
+    project.ini()
+    project.tests(LAST_ESCAPES[kind])
+    first = project.run("--alchemy-reuse")
+    first.assert_outcomes(passed=1, errors=1)
+    first.stdout.fnmatch_lines(
+        ["*UnsandboxedEngineError: * committed to the test database*so no later test sees it."]
+    )
+    project.tests(NEXT_RUN_STARTS_CLEAN)
+    try:
+        second = project.run("--alchemy-reuse")
+        second.stdout.fnmatch_lines(["alchemy: reusing * (schema unchanged)"])
+        second.assert_outcomes(passed=1)
+    finally:
+        project.run().assert_outcomes(passed=1)  # without reuse: dropped
+    assert project.leftover_tables() == []
+
+
 BASE_DATABASE = """
 from sqlalchemy import create_engine, text
 

@@ -725,6 +725,8 @@ class EscapeWatch:
         self.escapes: list[str] = []
         #: The test databases (database_key) an escape reached: they must be restored.
         self.test_database_written: set[tuple[Any, ...]] = set()
+        #: What was said of a restore done before the escape was reported (the run's end).
+        self.restored = ""
         self._installed = False
         self._watching: tuple[tuple[URL, ...], tuple[URL, ...]] | None = None
 
