@@ -220,6 +220,16 @@ class Tag(Base):
 """
 
 
+#: Said, in a run's output or at its interpreter's exit, when loops are mishandled.
+LOOP_TROUBLE = (
+    "Exception ignored",
+    "Event loop is closed",
+    "Task was destroyed",
+    "was never awaited",
+    "attached to a different loop",
+)
+
+
 class Project:
     """A small application project run through the plugin with pytester."""
 

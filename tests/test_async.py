@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ASYNC_DRIVERS, Driver, collected_ids, project_for, run_in_one_process
+from conftest import (
+    ASYNC_DRIVERS,
+    LOOP_TROUBLE,
+    Driver,
+    collected_ids,
+    project_for,
+    run_in_one_process,
+)
 
 if TYPE_CHECKING:
     from conftest import Project
@@ -197,16 +204,6 @@ LOOP_CONFIGS = [
         ("-p", "no:asyncio"),
     ),
 ]
-
-
-#: Said, in a run's output or at its interpreter's exit, when loops are mishandled.
-LOOP_TROUBLE = (
-    "Exception ignored",
-    "Event loop is closed",
-    "Task was destroyed",
-    "was never awaited",
-    "attached to a different loop",
-)
 
 
 def test_loop_configurations_share_or_separate_loops_cleanly(async_project: Project) -> None:

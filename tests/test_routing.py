@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     ASYNC_BACKENDS,
     ASYNC_DRIVERS,
+    LOOP_TROUBLE,
     SYNC_BACKENDS,
     SYNC_DRIVERS,
     Driver,
@@ -1231,9 +1232,12 @@ def test_async_engines_are_routed_under_every_loop_configuration(
         project.tests(ASYNC_TESTS.replace("pytestmark = pytest.mark.asyncio", marks))
         project.into_folder(name)
         runs[name] = list(args)
-    results, _ = run_in_one_process(pytester, runs)
+    results, at_exit = run_in_one_process(pytester, runs)
     for name, result in results.items():
-        assert result.parseoutcomes() == {"passed": 5}, name + "\n" + "\n".join(result.outlines)
+        output = "\n".join(result.outlines)
+        assert result.parseoutcomes() == {"passed": 5}, f"{name}:\n{output}"
+        assert not [t for t in LOOP_TROUBLE if t in output], f"{name}:\n{output}"
+    assert not [t for t in LOOP_TROUBLE if t in at_exit], at_exit
 
 
 ASYNC_ESCAPE_TESTS = """
