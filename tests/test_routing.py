@@ -190,6 +190,19 @@ def test_raw_commit_through_the_app_engine_is_refused():
             conn.exec_driver_sql("COMMIT")
 
 
+@pytest.mark.parametrize("n", range(2))
+def test_what_the_app_notes_on_a_connection_lasts_the_test(n):
+    with app.engine.connect() as conn:
+        assert "noted" not in conn.info
+        conn.info["noted"] = n
+
+
+def test_the_driver_committing_ends_the_sandbox_and_the_database_is_restored():
+    app.add_with_session("escaped")
+    with app.engine.connect() as conn:
+        conn.connection.dbapi_connection.commit()
+
+
 def test_and_nothing_survives(db_session):
     assert db_session.scalars(select(Item.name)).all() == []
     assert app.names() == []
@@ -205,9 +218,17 @@ def test_module_level_engine_and_sessionmaker_join_the_sandbox(
     project.ini("alchemy_engines = app:SessionLocal\n")
     project.tests(SYNC_TESTS)
     result = project.run("-v")
-    # The raw COMMIT is refused in the test, and the refusal fails that test at teardown.
-    result.assert_outcomes(passed=9, errors=1)
-    result.stdout.fnmatch_lines(["*test_raw_commit_through_the_app_engine_is_refused ERROR*"])
+    # The raw COMMIT is refused in the test, and the refusal fails that test at teardown; the
+    # driver's own commit ends the sandbox, which fails that test, and the next test's routed
+    # engine works on the connection made for it after the restore.
+    result.assert_outcomes(passed=12, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_raw_commit_through_the_app_engine_is_refused ERROR*",
+            "*test_the_driver_committing_ends_the_sandbox_and_the_database_is_restored ERROR*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*SandboxBrokenError: The test's outer transaction ended*"])
     assert project.leftover_tables() == []
 
 

@@ -183,7 +183,8 @@ def sandbox_for(connection: Connection) -> Sandbox | None:
     if found is not None:
         return found
     pool = _root(connection.engine).pool
-    return pool._route.sandbox if isinstance(pool, _SandboxPool) else None
+    route = pool._route if isinstance(pool, _SandboxPool) else None
+    return route.sandbox if route is not None else None
 
 
 def _family(dialect: Dialect) -> str:
@@ -203,7 +204,7 @@ class _SandboxFairy(_ConnectionFairy):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> DBAPICursor:
-        route: Route = self._pool._route  # type: ignore[attr-defined]
+        route: Route = self._pool._routing()  # type: ignore[attr-defined]
         ledger = route.sandbox.savepoints
         with route.sandbox.lock:
             if not ledger.holds(self):
@@ -212,12 +213,12 @@ class _SandboxFairy(_ConnectionFairy):
         return super().cursor(*args, **kwargs)
 
     def commit(self) -> None:
-        route: Route = self._pool._route  # type: ignore[attr-defined]
+        route: Route = self._pool._routing()  # type: ignore[attr-defined]
         with route.sandbox.lock:
             route.sandbox.savepoints.release(self)
 
     def rollback(self) -> None:
-        route: Route = self._pool._route  # type: ignore[attr-defined]
+        route: Route = self._pool._routing()  # type: ignore[attr-defined]
         with route.sandbox.lock:
             route.sandbox.savepoints.rollback(self)
 
@@ -225,20 +226,54 @@ class _SandboxFairy(_ConnectionFairy):
 class _SandboxPool(Pool):
     """Hands every checkout the sandbox's DBAPI connection; never opens or closes one.
 
-    Each checkout gets a record of its own (unlike StaticPool's one shared record, whose
-    bookkeeping loses a checkin when two checkouts overlap, as concurrent tasks and nested
-    sessions make them).
+    One per engine, made at its first route and given to each route in turn (a pool and a
+    record cost more to make than a routed test's checkout otherwise does). Each checkout gets
+    a record of its own (unlike StaticPool's one shared record, whose bookkeeping loses a
+    checkin when two checkouts overlap, as concurrent tasks and nested sessions make them);
+    a record checked in is handed out again while it holds the route's DBAPI connection, as
+    a pool hands out its connections again. What a test keeps in a record's ``info`` is gone
+    at the next test, as the record is at its end in a pool of the test's own.
     """
 
-    def __init__(self, route: Route) -> None:
-        dbapi_connection = route.sandbox.connection.connection.dbapi_connection
+    def __init__(self, engine: Engine) -> None:
         super().__init__(
-            lambda: dbapi_connection,  # type: ignore[arg-type]
+            self._dbapi_connection,
             reset_on_return=None,  # the ledger ends transactions; a reset would ROLLBACK
-            dialect=route.engine.dialect,
+            dialect=engine.dialect,
         )
-        self._route = route
+        self._route: Route | None = None
         self._checkouts: dict[int, _SandboxFairy] = {}
+        self._idle: list[ConnectionPoolEntry] = []
+
+    @classmethod
+    def attach(cls, route: Route) -> _SandboxPool:
+        """The engine's sandbox pool, given to ``route`` until :meth:`detach`."""
+        pool = _SANDBOX_POOLS.get(route.engine)
+        if pool is None:
+            pool = _SANDBOX_POOLS[route.engine] = cls(route.engine)
+        route.outer, pool._route = pool._route, route  # a route within a route gives it back
+        return pool
+
+    def detach(self, route: Route) -> None:
+        """``route`` ends: the pool goes back to the route it was in, else to none."""
+        if self._route is not route:
+            return
+        self._route = route.outer
+        if self._route is not None:
+            return
+        self._checkouts.clear()
+        for record in self._idle:
+            record.__dict__.pop("info", None)  # memoized: {} again at its next use
+
+    def _dbapi_connection(self) -> DBAPIConnection:
+        found = self._routing().sandbox.connection.connection.dbapi_connection
+        assert found is not None  # the sandbox's connection is open while a route is
+        return found
+
+    def _routing(self) -> Route:
+        if self._route is None:
+            raise UnsandboxedEngineError(_ROUTE_ENDED)
+        return self._route
 
     def connect(self) -> PoolProxiedConnection:
         fairy = super().connect()
@@ -247,15 +282,25 @@ class _SandboxPool(Pool):
         return fairy
 
     def _do_get(self) -> ConnectionPoolEntry:
-        self._route.checked_out()
+        route = self._routing()
+        route.checked_out()
+        current = route.sandbox.connection.connection.dbapi_connection
+        while self._idle:
+            try:
+                record = self._idle.pop()
+            except IndexError:  # another thread took the last one
+                break
+            if record.dbapi_connection is current:
+                return record
         return _ConnectionRecord(self)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        sandbox = self._route.sandbox
         fairy = self._checkouts.pop(id(record), None)
-        if fairy is not None and sandbox.savepoints.holds(fairy):
-            with sandbox.lock:  # closed without commit: the DBAPI discards the work
-                sandbox.savepoints.rollback(fairy)
+        route = self._route
+        if route is not None and fairy is not None and route.sandbox.savepoints.holds(fairy):
+            with route.sandbox.lock:  # closed without commit: the DBAPI discards the work
+                route.sandbox.savepoints.rollback(fairy)
+        self._idle.append(record)
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
         pass  # the sandbox's connection outlives every checkout
@@ -270,19 +315,44 @@ class _SandboxPool(Pool):
         return "pytest-alchemy sandbox pool"
 
 
+_ROUTE_ENDED = (
+    "A connection of a routed engine, checked out during a test that has ended, was used "
+    "after it: its sandbox is gone. Check connections and sessions out within the test that "
+    "uses them (a session kept across tests: close it at each test's end)."
+)
+
+#: Each routed engine's sandbox pool and pending pool, kept while the engine lives.
+_SANDBOX_POOLS: weakref.WeakKeyDictionary[Engine, _SandboxPool] = weakref.WeakKeyDictionary()
+_PENDING_POOLS: weakref.WeakKeyDictionary[Engine, _PendingPool] = weakref.WeakKeyDictionary()
+
+
 class _PendingPool(Pool):
     """An engine routed lazily (see :class:`_Lazy`): its first checkout opens the test's
     sandbox and starts the route, then checks out of the route's pool."""
 
-    def __init__(self, lazy: _Lazy) -> None:
-        super().__init__(lambda: None, dialect=lazy.engine.dialect)  # type: ignore[arg-type]
-        self._lazy = lazy
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(lambda: None, dialect=engine.dialect)  # type: ignore[arg-type]
+        self._lazy: _Lazy | None = None
+
+    @classmethod
+    def attach(cls, lazy: _Lazy) -> _PendingPool:
+        """The engine's pending pool (one per engine, as its sandbox pool), for ``lazy``."""
+        pool = _PENDING_POOLS.get(lazy.engine)
+        if pool is None:
+            pool = _PENDING_POOLS[lazy.engine] = cls(lazy.engine)
+        pool._lazy = lazy
+        return pool
+
+    def _pending(self) -> _Lazy:
+        if self._lazy is None:
+            raise UnsandboxedEngineError(_ROUTE_ENDED)
+        return self._lazy
 
     def connect(self) -> PoolProxiedConnection:
-        return self._lazy.begin().connect()
+        return self._pending().begin().connect()
 
     def _do_get(self) -> ConnectionPoolEntry:  # never: connect() hands over first
-        return self._lazy.begin()._do_get()
+        return self._pending().begin()._do_get()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         pass
@@ -341,6 +411,7 @@ class Route:
         self._pool = self.engine.pool
         self._saved: dict[str, Any] = {}
         self._initialized = False
+        self.outer: Route | None = None  # the route of this engine it started within
 
     @property
     def label(self) -> str:
@@ -358,10 +429,13 @@ class Route:
                 f"e.g. {mine.name}+{app.driver}://..."
             )
         self._hook(app)
-        self.engine.pool = _SandboxPool(self)
+        self.engine.pool = _SandboxPool.attach(self)
 
     def stop(self) -> None:
+        routed = self.engine.pool
         self.engine.pool = self._pool
+        if isinstance(routed, _SandboxPool):
+            routed.detach(self)
         dialect = self.engine.dialect
         for name, value in self._saved.items():
             if value is _MISSING:
@@ -391,8 +465,7 @@ class Route:
         sandbox = self.sandbox
         ledger, watch, lock = sandbox.savepoints, sandbox.watch, sandbox.lock
         cls = type(dialect)
-        label = self.label
-
+        engine = self.engine
         replica_of = self.replica_of
 
         def guard(statement: str) -> None:
@@ -400,7 +473,7 @@ class Route:
             if replica_of is not None and not proves_read_only(statement):
                 first_line = statement.strip().splitlines()[0][:80]
                 raise ReadOnlyReplicaError(
-                    f"{label} is a read replica of {replica_of} ({_DATABASES_INI}), and "
+                    f"{mask(engine.url)} is a read replica of {replica_of} ({_DATABASES_INI}), and "
                     f"{first_line!r} writes: a replica refuses writes, so the plugin does too "
                     f"(the test sees {replica_of}'s data through it, read-only). Write through "
                     f"{replica_of}'s engine, as the application must in production."
@@ -408,9 +481,9 @@ class Route:
             if watch.guard.match(statement):
                 first_line = statement.strip().splitlines()[0][:80]
                 watch.refuse(
-                    f"pytest-alchemy refused to run {first_line!r} through {label}: it would "
-                    f"end the test's outer transaction, and what the test wrote would survive "
-                    f"it. {dialects.refusal_advice(statement)}"
+                    f"pytest-alchemy refused to run {first_line!r} through "
+                    f"{mask(engine.url)}: it would end the test's outer transaction, and what "
+                    f"the test wrote would survive it. {dialects.refusal_advice(statement)}"
                 )
 
         def executing(method: str) -> Callable[..., None]:
@@ -440,7 +513,7 @@ class Route:
             # would commit every statement for real.
             if level.upper().replace("_", " ") == "AUTOCOMMIT":
                 raise UnsandboxedEngineError(
-                    f"{label} asked for isolation level 'AUTOCOMMIT' during a test. Its "
+                    f"{mask(engine.url)} asked for isolation level 'AUTOCOMMIT' during a test. Its "
                     f"connection is the test's, inside a transaction that must stay open, and "
                     f"autocommit would make every statement permanent. Test code that needs "
                     f"autocommit (CREATE INDEX CONCURRENTLY, VACUUM) against a database of its "
@@ -514,7 +587,7 @@ class _Lazy:
         self._lock = threading.RLock()
         self.route: Route | None = None
         self._stopped = False
-        engine.pool = _PendingPool(self)
+        engine.pool = _PendingPool.attach(self)
 
     def begin(self) -> Pool:
         """Open the sandbox and start the route (once); the pool to check out of now."""
@@ -526,7 +599,7 @@ class _Lazy:
                 try:
                     route.start()
                 except BaseException:
-                    self.engine.pool = _PendingPool(self)
+                    self.engine.pool = _PendingPool.attach(self)
                     raise
                 self.route = route
         return self.engine.pool
@@ -539,6 +612,9 @@ class _Lazy:
             if self.route is not None:
                 self.route.stop()
             self.engine.pool = self._pool
+            pending = _PENDING_POOLS.get(self.engine)
+            if pending is not None and pending._lazy is self:
+                pending._lazy = None
 
 
 class _Direct:
