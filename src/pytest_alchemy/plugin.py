@@ -282,7 +282,11 @@ def _check_schema_scopes(items: list[pytest.Item]) -> bool:
     that db_engine cannot use is a usage error naming it and the fix, rather than pytest's
     ScopeMismatch from inside the plugin."""
     seen: dict[int, Any] = {}
+    parents: set[int] = set()
     for item in items:
+        if id(item.parent) in parents:
+            continue  # the tests of one module or class see the same fixtures
+        parents.add(id(item.parent))
         defs = _fixturedefs(item, "alchemy_metadata")
         if defs:
             seen.setdefault(id(defs[-1]), defs[-1])
