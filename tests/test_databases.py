@@ -324,6 +324,9 @@ def test_the_seed_is_built_once_and_every_test_sees_it(seeded_project: Project) 
         ["alchemy: built the schema of models:Base and the rows of seeding:seed (2 tables) *s"]
     )
     assert seed_calls(seeded_project) == 1
+    # In one process the test database itself is built: no template to clone it from (one
+    # CREATE DATABASE, not two).
+    assert "_template" not in result.stdout.str()
     assert seeded_project.leftover_tables() == []
     assert not template_left(seeded_project)
 
