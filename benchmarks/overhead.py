@@ -13,6 +13,8 @@ it moved by +-0.3 ms per test between runs here):
 - recipe: the hand-written fixture (connect, ``begin()``, a ``create_savepoint`` Session;
   close, rollback, close), on the same schema built once per run;
 - plugin: ``db_session``;
+- noop: a fixture that yields None (async: a pytest-asyncio async fixture), the floor any
+  fixture of that kind costs under pytest;
 - and the same for async tests (pytest-asyncio, one loop per session): ``async_db_session``
   against the async recipe, on psycopg's async driver.
 
@@ -85,6 +87,14 @@ def pytest_sessionfinish(session):
         json.dump(TIMES[5:-1], out)  # the first tests provision, the last one cleans up
 """
 
+#: The floor: a fixture that does nothing (async: through pytest-asyncio, as the async
+#: fixtures are).
+NOOP = {
+    False: "import pytest\n\n\n@pytest.fixture\ndef session():\n    yield None\n",
+    True: "import pytest_asyncio\n\n\n@pytest_asyncio.fixture\nasync def session():\n"
+    "    yield None\n",
+}
+
 INI = """[pytest]
 pythonpath = .
 asyncio_mode = auto
@@ -101,6 +111,9 @@ def write_suite(root: Path, url: str, variant: str, *, is_async: bool, count: in
     ini, flags, fixture = INI, ["-p", "no:alchemy"], ""
     if variant == "recipe":
         (root / "conftest.py").write_text(f"URL = {url!r}\n" + RECIPE[is_async])
+        fixture = "session"
+    elif variant == "noop":
+        (root / "conftest.py").write_text(NOOP[is_async])
         fixture = "session"
     elif variant in ("plugin", "baseline"):
         ini += f"alchemy_url = {url}\nalchemy_metadata = models:Base\n"
@@ -147,7 +160,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     modes = [False] if args.sync_only else [False, True]
-    variants = ["bare", "recipe", "plugin"] + (["baseline"] if args.baseline else [])
+    variants = ["bare", "noop", "recipe", "plugin"] + (["baseline"] if args.baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
         suites = {}
         for is_async in modes:
