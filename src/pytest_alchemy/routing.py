@@ -231,8 +231,8 @@ class _SandboxPool(Pool):
     a record of its own (unlike StaticPool's one shared record, whose bookkeeping loses a
     checkin when two checkouts overlap, as concurrent tasks and nested sessions make them);
     a record checked in is handed out again while it holds the route's DBAPI connection, as
-    a pool hands out its connections again. What a test keeps in a record's ``info`` is gone
-    at the next test, as the record is at its end in a pool of the test's own.
+    a pool hands out its connections again. What a test keeps in ``connection.info`` (the
+    record's) is cleared when its route ends: it lasts the test, not longer.
     """
 
     def __init__(self, engine: Engine) -> None:
