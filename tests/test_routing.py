@@ -300,6 +300,13 @@ async def test_app_and_async_db_session_see_each_other(async_db_session):
     assert sorted(await async_db_session.scalars(select(Item.name))) == ["app", "fixture"]
 
 
+@pytest.mark.parametrize("n", range(2))
+async def test_what_the_app_notes_on_a_connection_lasts_the_test(n):
+    async with app.engine.connect() as conn:
+        assert "noted" not in conn.info
+        conn.info["noted"] = n
+
+
 async def test_and_nothing_survives(async_db_session):
     assert (await async_db_session.scalars(select(Item.name))).all() == []
     assert await app.names() == []
@@ -314,7 +321,7 @@ def test_async_engine_and_sessionmaker_join_the_sandbox(
     _app(project, ASYNC_APP)
     project.ini("alchemy_engines = app:SessionLocal\n")
     project.tests(ASYNC_TESTS)
-    project.run().assert_outcomes(passed=5)
+    project.run().assert_outcomes(passed=7)
     assert project.leftover_tables() == []
 
 
@@ -1256,7 +1263,7 @@ def test_async_engines_are_routed_under_every_loop_configuration(
     results, at_exit = run_in_one_process(pytester, runs)
     for name, result in results.items():
         output = "\n".join(result.outlines)
-        assert result.parseoutcomes() == {"passed": 5}, f"{name}:\n{output}"
+        assert result.parseoutcomes() == {"passed": 7}, f"{name}:\n{output}"
         assert not [t for t in LOOP_TROUBLE if t in output], f"{name}:\n{output}"
     assert not [t for t in LOOP_TROUBLE if t in at_exit], at_exit
 
