@@ -354,8 +354,11 @@ def test_an_escape_in_a_schema_of_its_own_restores_that_database(
     (modern / "conftest.py").write_text(OVERRIDE.format(value="'modern:Base'"))
     (modern / "test_escape.py").write_text(ESCAPING_TESTS)
     # Under xdist, where the worker's database is cloned from a template, and is again
-    # (a run in one process builds it again: test_commit's failed restore).
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2")
+    # (a run in one process builds it again: test_commit's failed restore). One worker runs
+    # the file in order, so the test after the escape checks the restored database.
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2", "--dist", "loadfile"
+    )
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         [
