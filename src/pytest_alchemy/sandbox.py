@@ -880,15 +880,19 @@ class TurnLock:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._told = threading.local()
+        self._told: set[int] = set()  # the threads told, whose next wait is longer
         self.timeout = THREAD_WAIT_DEFAULT  # the fixtures set alchemy_thread_wait
 
     def __enter__(self) -> None:
-        told = getattr(self._told, "value", False)
-        if self._lock.acquire(timeout=self.timeout * (self._CLEAN_UP if told else 1)):
-            self._told.value = False
+        if self._lock.acquire(False):  # free, or this thread's already: the common case
+            if self._told:
+                self._told.discard(threading.get_ident())
             return
-        self._told.value = True
+        me = threading.get_ident()
+        if self._lock.acquire(timeout=self.timeout * (self._CLEAN_UP if me in self._told else 1)):
+            self._told.discard(me)
+            return
+        self._told.add(me)
         raise SandboxBrokenError(
             f"A thread waited {self.timeout:g} s for the test's database connection while "
             "another thread's statement on it kept running: all the test's threads share the "
