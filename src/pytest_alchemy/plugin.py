@@ -445,8 +445,10 @@ class _XdistController:
         self.run_id = run_id
         self.run_pid = run_pid
         self.templates: dict[str, bool] = {}  # URL: kept for reuse
+        self.workers = False  # the run had xdist workers (not every run with xdist does)
 
     def pytest_configure_node(self, node: Any) -> None:
+        self.workers = True
         node.workerinput[_config.RUN_ID_KEY] = self.run_id
         node.workerinput[_config.RUN_PID_KEY] = self.run_pid
 
@@ -464,7 +466,7 @@ class _XdistController:
             with contextlib.suppress(Exception):  # a worker's throwaway server is gone already
                 databases.release_template(make_url(template), self.run_id, kept=kept)
         settings = session.config.stash[_SETTINGS]
-        if settings.reuse:
+        if settings.reuse or not self.workers:
             return
         # What workers that crashed or were interrupted (Ctrl-C) could not drop themselves.
         with contextlib.suppress(Exception):
