@@ -52,6 +52,11 @@ def pytest_sessionfinish(session):
     gc.enable()
     with open("turns.json", "w") as out:
         json.dump(COUNTS, out)
+
+
+def pytest_unconfigure(config):  # after every plugin's end of the run
+    with open("connections.json", "w") as out:
+        json.dump(turns.ACTIVE.connections, out)
 """
 
 SYNC_TESTS = """
@@ -122,7 +127,7 @@ BUDGET = {
 
 
 @pytest.mark.parametrize("driver", SERVER_DRIVERS, ids=lambda d: d.id)
-def test_the_sandbox_adds_at_most_its_budget_of_round_trips(
+def test_the_sandbox_adds_at_most_its_budget_of_round_trips_and_a_run_few_connections(
     driver: Driver,
     scratch_databases: dict[str, str],
     pytester: pytest.Pytester,
@@ -137,7 +142,10 @@ def test_the_sandbox_adds_at_most_its_budget_of_round_trips(
     # thread, a connection, a changed setting) can add turns. Run in this process, the counts
     # of async drivers were sometimes inflated in full runs of the suite (twice in five).
     monkeypatch.setenv("ALCHEMY_COUNTED_URL", project.url or "")
-    project.run(subprocess=True).assert_outcomes(passed=7)
+    # xdist loaded, as most users have it, but no workers: a run without them opens none of
+    # theirs, nor sweeps for what they left.
+    run = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", timeout=300)
+    run.assert_outcomes(passed=7)
     counts = json.loads((pytester.path / "turns.json").read_text())
     added = {name: counts[name] - OWN[name] for name in OWN}
     untouched, select, write = BUDGET[driver.id]
@@ -147,3 +155,9 @@ def test_the_sandbox_adds_at_most_its_budget_of_round_trips(
     assert added["write"] <= write, counts
     # Each further commit: the next SAVEPOINT, beyond the INSERT and the COMMIT.
     assert counts["twowrites"] - counts["write"] <= 3, counts
+    # The whole run's connections: the session holding the server's lock while this run
+    # provisions (the sweep of earlier runs' leftovers, the check and CREATE DATABASE run on
+    # it too), the build, the tests' connection, and at the end the marker check and the
+    # DROP; on MySQL, first, a check that the server greets. One each, not one per statement.
+    connections = json.loads((pytester.path / "connections.json").read_text())
+    assert connections <= (6 if driver.backend == "mysql" else 5), connections

@@ -14,6 +14,7 @@ class TurnCounter:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.turns = 0
+        self.connections = 0  # connections opened through the proxy
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -22,6 +23,8 @@ class TurnCounter:
     def _accept(self) -> None:
         while True:
             client, _ = self._listener.accept()
+            with self._lock:
+                self.connections += 1
             server = socket.create_connection(self.target)
             for sock in (client, server):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

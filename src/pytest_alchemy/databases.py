@@ -244,6 +244,12 @@ class _Server:
         return [self.url.set(database=name) for name in ("postgres", "template1")]
 
     def run(self, fn: Callable[[Connection], T]) -> T:
+        lend = getattr(_LENT, "sessions", {}).get(self._admin_urls()[0])
+        if lend is not None:  # this thread's turn holds a session on the server: use it
+            try:
+                return lend(fn)  # type: ignore[no-any-return]
+            except ownership.NotHeld:
+                pass
         error: BaseException | None = None
         for url in self._admin_urls():
             try:
@@ -463,6 +469,7 @@ def provision(
     report: Callable[[str], None] = lambda line: None,
     reuse: bool = False,
     recreate: bool = False,
+    first: Callable[[], None] | None = None,
 ) -> ProvisionedDatabase:
     """Create (or adopt, if empty) the test database ``target`` and mark it as ``owner``'s.
 
@@ -476,12 +483,15 @@ def provision(
     recipe's, and whose holder is gone, is used as it is, and kept at the end; one that does
     not match is rebuilt. ``recreate`` rebuilds in any case (and, with ``reuse``, keeps the
     result). Raises :class:`Busy` when ``target`` or ``template`` is another live run's.
+    ``first`` runs at the start of the turn (the run's sweep: on the turn's session).
     """
     if dialects.is_memory(target):
         return ProvisionedDatabase(target, created=False, adopted=False)
     server = _server(target)
     fingerprint = recipe.fingerprint if recipe is not None else None
     with _turn(template or target, report):
+        if first is not None:
+            first()
         trust = reuse and not recreate
         state = _claim(target, server, owner, fingerprint if trust else _NO_REUSE)
         if state == "reuse":
@@ -514,9 +524,27 @@ def _turn(held: URL, report: Callable[[str], None]) -> Iterator[None]:
             server.family if server else "",
             server.hold if server else None,
             report,
-        ),
+        ) as lend,
     ):
-        yield
+        if server is None or lend is None:
+            yield
+            return
+        sessions = _LENT.__dict__.setdefault("sessions", {})
+        admin = server._admin_urls()[0]
+        outer = sessions.get(admin)
+        sessions[admin] = lend  # the turn's administrative work runs on the lock's session
+        try:
+            yield
+        finally:
+            if outer is None:
+                del sessions[admin]
+            else:
+                sessions[admin] = outer
+
+
+#: Per thread: the sessions that hold a server lock during a provisioning turn (see _turn),
+#: by the administrative URL they are connected to.
+_LENT = threading.local()
 
 
 def _drop_quietly(url: URL, server: _Server | None) -> None:

@@ -167,15 +167,19 @@ class Target:
         if not first._greeted:
             dialects.check_greeting(url)
             first._greeted = True
+        sweep = None
         if not first._swept and not self.settings.reuse:
             first._swept = True
             base = self.base.set(drivername=url.drivername)
-            for line in databases.sweep(base, self._naming(), self.owner):
-                self._report(line)
+
+            def sweep() -> None:  # in the provisioning turn: on its administrative session
+                for line in databases.sweep(base, self._naming(), self.owner):
+                    self._report(line)
+
         key = self._schema_key(url, None)
         if key not in self._databases:
             try:
-                self._databases[key] = self._provision_at(url)
+                self._databases[key] = self._provision_at(url, sweep)
             except databases.Busy as busy:
                 if self._own_names:
                     raise ProvisioningError(f"{busy}, and so are this run's own names.") from None
@@ -204,7 +208,9 @@ class Target:
         # Names of our own are never reused: a kept one would be left for no later run.
         return self.settings.reuse and not self._own_names
 
-    def _provision_at(self, url: URL) -> databases.ProvisionedDatabase:
+    def _provision_at(
+        self, url: URL, sweep: Callable[[], None] | None = None
+    ) -> databases.ProvisionedDatabase:
         recipe = self._recipe
         template = self._template_for(url)
         s = self.settings
@@ -219,6 +225,7 @@ class Target:
             report=self._report,
             reuse=reuse,
             recreate=s.recreate,
+            first=sweep,
         )
         if url.get_backend_name() != "sqlite":  # a file is on this host: its pid tells
             for held in (url, template):
