@@ -20,7 +20,7 @@ from test_databases import _create_foreign, _drop_foreign
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from sqlalchemy.engine import URL
+    from sqlalchemy.engine import URL, Connection
 
 DRIVERS = [
     Driver("sqlite-pysqlite", "sqlite", "sqlite+pysqlite", False),
@@ -536,6 +536,50 @@ def test_a_database_another_run_created_meanwhile_is_theirs(
         if backend == "postgresql":
             with pytest.raises(databases.Busy):
                 server.create(name, template=url.database)
+        assert server.exists(name)
+    finally:
+        server.drop(name)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_turn_works_on_its_lock_session_and_goes_on_without_it_if_it_dies(
+    backend: str, scratch_databases: dict[str, str]
+) -> None:
+    """A provisioning turn's administrative work runs on the session holding the server's
+    lock (one connection per turn, not one per statement). If that session dies (killed,
+    a restarted server), the work goes on, on connections of its own, as before the lending."""
+    from sqlalchemy.engine import make_url
+
+    from pytest_alchemy import databases
+
+    if scratch_databases[backend].startswith("!"):
+        pytest.fail(scratch_databases[backend][1:], pytrace=False)
+    url = make_url(scratch_databases[backend])
+    name = f"{url.database}_lent"
+    server = databases._Server(url)
+    pg = backend == "postgresql"
+    session_id = "SELECT pg_backend_pid()" if pg else "SELECT CONNECTION_ID()"
+
+    def session(conn: Connection) -> int:
+        return int(conn.exec_driver_sql(session_id).scalar_one())
+
+    server.drop(name)
+    try:
+        with databases._turn(url.set(database=name), lambda line: None):
+            holder = server.run(session)
+            assert server.run(session) == holder  # the lock's session, lent
+            killer = admin(url)
+            try:
+                with killer.connect() as conn:
+                    conn.exec_driver_sql(
+                        f"SELECT pg_terminate_backend({holder})" if pg else f"KILL {holder}"
+                    )
+                    conn.commit()
+            finally:
+                killer.dispose()
+            server.create(name)  # on a connection of its own: the lock's session is gone
+            assert server.exists(name)
+            assert server.run(session) != holder
         assert server.exists(name)
     finally:
         server.drop(name)

@@ -303,6 +303,9 @@ def server_lock(
             try:
                 reply.put((True, work(conn)))
             except BaseException as exc:  # raised in the caller's thread
+                if getattr(exc, "connection_invalidated", False):
+                    reply.put(None)  # the session is gone, and its lock: the caller connects
+                    return
                 reply.put((False, exc))
 
     def holder() -> None:
