@@ -144,6 +144,33 @@ async def test_concurrent_first_use_of_the_session(async_db_session, round):
         async_db_session.execute(select(Item.id)), async_db_session.execute(select(Item.name))
     )
     assert first.all() == second.all() == []
+
+
+@ROUNDS
+async def test_the_first_writes_rolled_back(async_db_session, round):
+    # The test's first savepoint is never sent: rolling back to it rolls the driver back.
+    async_db_session.add(Item(name="a"))
+    await async_db_session.flush()
+    await async_db_session.rollback()
+    assert await names(async_db_session) == []
+    async_db_session.add(Item(name="c"))
+    await async_db_session.commit()
+    async_db_session.add(Item(name="d"))
+    await async_db_session.flush()
+    await async_db_session.rollback()
+    assert await names(async_db_session) == ["c"]
+
+
+@ROUNDS
+async def test_integrity_error_on_the_first_write(async_db_session, round):
+    async_db_session.add_all([Item(name="a"), Item(name="a")])
+    with pytest.raises(IntegrityError):
+        await async_db_session.flush()
+    await async_db_session.rollback()
+    assert await names(async_db_session) == []
+    async_db_session.add(Item(name="c"))
+    await async_db_session.commit()
+    assert await names(async_db_session) == ["c"]
 """
 
 
@@ -151,9 +178,9 @@ def test_async_semantics_hold_in_any_order(async_project: Project) -> None:
     async_project.ini()
     async_project.tests(SEMANTICS)
     result = async_project.run()
-    result.assert_outcomes(passed=22)
+    result.assert_outcomes(passed=26)
     again = async_project.run(*reversed(collected_ids(async_project)))
-    again.assert_outcomes(passed=22)
+    again.assert_outcomes(passed=26)
     assert async_project.leftover_tables() == []
 
 

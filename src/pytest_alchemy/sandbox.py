@@ -505,7 +505,11 @@ class Savepoints:
     that only reads never pays for one. Up to that write nothing is there to undo: the
     rollback of a deferred savepoint sends nothing, and after a failed read (PostgreSQL then
     refuses everything until a rollback) it rolls the driver's transaction back, which undoes
-    nothing either, and the driver begins the next one by itself.
+    nothing either, and the driver begins the next one by itself. The bottom one is never sent
+    at all: it stands for the outer transaction's start, where nothing had been written, so
+    rolling back to it rolls the driver's transaction back (the driver begins the next one),
+    and releasing it (the application's first commit) sends nothing. A test that writes and
+    commits once pays no savepoint statement.
     """
 
     def __init__(self, sandbox: Sandbox) -> None:
@@ -590,9 +594,15 @@ class Savepoints:
         return False
 
     def _send_deferred(self) -> None:
-        """Before a write: send the deferred savepoints, in order (with the driver's BEGIN
-        where it allows); from now on every savepoint is sent when it opens."""
-        unsent = [entry for entry in self._stack if not entry.sent]
+        """Before the first write: send the deferred savepoints, in order (with the driver's
+        BEGIN where it allows); from now on every savepoint is sent when it opens.
+
+        All but the bottom one: it marks the outer transaction's start, where nothing had been
+        written, so it stands for that start and is never sent (a round trip saved per test
+        that writes). Rolling back to it rolls the driver's transaction back (see
+        :meth:`rollback`); releasing it sends nothing.
+        """
+        unsent = [entry for entry in self._stack[1:] if not entry.sent]
         dbapi_connection = self._sandbox.connection.connection.dbapi_connection
         if unsent and dialects.begin_with_savepoints(dbapi_connection, [e.name for e in unsent]):
             for entry in unsent:
@@ -612,10 +622,17 @@ class Savepoints:
         if self._stack:
             self._stack[-1].writers.add(self._writer(party))
 
+    def _stands_for_start(self, entry: _Savepoint) -> bool:
+        """Whether ``entry`` is the bottom savepoint that was never sent, standing for the
+        outer transaction's start, after something was written (see :meth:`_send_deferred`)."""
+        return not entry.sent and not self._clean
+
     def _restart_clean(self) -> None:
-        """After a failed statement, before anything was written: roll back the driver's
-        transaction, which undoes nothing; the driver begins the next one by itself."""
+        """Roll the driver's transaction back; the driver begins the next one by itself. After
+        a failed statement before anything was written, that undoes nothing; to the savepoint
+        that stands for the outer transaction's start, it undoes what was written since."""
         self._failed_clean = False
+        self._clean = dialects.begins_implicitly(self._sandbox.connection.dialect)
         sandbox = self._sandbox
         with sandbox.watch.own_statements():
             sandbox.connection.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
@@ -708,7 +725,9 @@ class Savepoints:
         index = self._find(owner)
         if index is None:
             return  # rolled back already, with a savepoint below it
-        if index == 0 and self._stack[0].sent and not any(entry.live for entry in self._stack[1:]):
+        bottom = self._stack[0]
+        outermost = bottom.sent or self._stands_for_start(bottom)
+        if index == 0 and outermost and not any(entry.live for entry in self._stack[1:]):
             self._check_deferred()  # the application's outermost commit
         self._stack[index].live = False
         if index == len(self._stack) - 1:
@@ -734,7 +753,10 @@ class Savepoints:
                 # not roll this savepoint back, so the sandbox does, as the server would.
                 entry = self._stack[0]
                 with contextlib.suppress(Exception):
-                    self._run("do_rollback_to_savepoint", entry.name)
+                    if entry.sent:
+                        self._run("do_rollback_to_savepoint", entry.name)
+                    else:
+                        self._restart_clean()
                 del self._stack[1:]
                 entry.live, entry.writers = False, set()
                 raise
@@ -753,7 +775,10 @@ class Savepoints:
             low -= 1
         if low == len(stack) or (low == len(stack) - 1 and not stack[low].writers):
             return
-        if not stack[low].sent:  # deferred, and so is everything above it: nothing to send
+        if not stack[low].sent:  # deferred, or standing for the outer transaction's start
+            sent = [entry for entry in stack[low:] if entry.sent]
+            if sent:
+                self._run("do_release_savepoint", sent[0].name)
             del stack[low:]
             return
         self._run("do_release_savepoint", stack[low].name)
@@ -790,7 +815,8 @@ class Savepoints:
             return
         stack = self._stack
         entry = stack[index]
-        if not entry.sent:  # nothing was written since the outer transaction began
+        start = self._stands_for_start(entry)
+        if not entry.sent and not start:  # nothing was written since the outer transaction began
             if self._failed_clean:
                 self._restart_clean()
             self.release(owner)
@@ -802,7 +828,10 @@ class Savepoints:
             # late): nothing to undo, and what others wrote inside it stays.
             self.release(owner)
             return
-        self._run("do_rollback_to_savepoint", entry.name)
+        if start:
+            self._restart_clean()  # nothing had been written when it opened: undoes the rest
+        else:
+            self._run("do_rollback_to_savepoint", entry.name)
         undone = stack[index:]
         foreign = any(writer != mine for a in undone for writer in a.writers)
         # The savepoint stays established, and holds nothing now: kept for reuse. Transactions
@@ -815,7 +844,9 @@ class Savepoints:
         for survivor in survivors:
             survivor.name = self._fresh_name()
             survivor.writers = set()
-            self._run("do_savepoint", survivor.name)
+            survivor.sent = self._must_send_now()  # deferred again after a restart
+            if survivor.sent:
+                self._run("do_savepoint", survivor.name)
             stack.append(survivor)
         if foreign and not everyone and self._sandbox.problem is None:
             self._sandbox.problem = (
